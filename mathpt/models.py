@@ -106,3 +106,29 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device)
+
+
+def materialize_base_model(cfg: dict, train_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Rule base_model: the embedded tiny model (tokenizer trained on the train split) or a
+    pretrained model from a hub id / local path, saved in HF format with a provenance file."""
+    from mathpt.io import MathptError, atomic_dir, read_jsonl
+    from mathpt.provenance import write_provenance
+
+    with atomic_dir(out_dir) as tmp:
+        if cfg["kind"] == "tiny":
+            tiny = dict(cfg["tiny"])
+            rows = read_jsonl(train_path, required_keys=("question", "solution"))
+            n = tiny.pop("tokenizer_rows", len(rows))
+            texts = [f"{r['question']}\n{r['solution']}\n{r['answer']}" for r in rows[:n]]
+            build_tiny_model(texts, tmp, tiny)
+        else:
+            path = cfg["path"]
+            try:
+                model = load_model(path)
+                tokenizer = load_tokenizer(path)
+            except OSError as e:
+                raise MathptError(f"model.path {path!r}: cannot load it as a local directory or hub id "
+                                  f"(offline? set HF_HUB_OFFLINE=0 or point model.path at a local copy): {e}") from None
+            save_model(model, tokenizer, tmp)
+        write_provenance(tmp / "provenance.json", cfg, [train_path])
+    return Path(out_dir)

@@ -1,0 +1,35 @@
+# mathpt: raw GSM8K -> teacher traces -> tokenized shards -> one checkpoint per (algorithm, seed)
+# -> GSM8K k-shot CoT eval + lm-eval suite -> paired bootstrap table results/ci_table.csv.
+# Rules are thin; the logic lives in the mathpt package. See README.md.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+report: "report/workflow.rst"
+
+
+rule all:
+    input:
+        "results/ci_table.csv",
+        "results/accuracy.csv",
+        "results/regressions.csv",
+        "results/plots/forest.png",
+        "results/plots/accuracy.png",
+        "results/plots/reward_val.png",
+    default_target: True
+
+
+include: "rules/data.smk"
+include: "rules/model.smk"
+include: "rules/traces.smk"
+include: "rules/tokenize.smk"
+include: "rules/train.smk"
+include: "rules/eval.smk"
+include: "rules/stats.smk"

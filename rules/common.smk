@@ -1,0 +1,45 @@
+# Helpers shared by all rules: config validation, the per-rule config slices, names and paths.
+import sys
+
+sys.path.insert(0, workflow.basedir)  # import mathpt from the checkout even if not installed
+
+from mathpt.config import canonical, rule_slice, validate_config
+from mathpt.gpus import gpus_for
+
+validate_config(config)
+
+LAYOUT = config["runtime"]["layout"]
+ALGOS = config["train"]["algorithms"]
+SEEDS = config["train"]["seeds"]
+PG_ALGOS = [a for a in ALGOS if a != "sft"]
+RUNS = [f"{a}-seed{s}" for a in ALGOS for s in SEEDS]
+MODELS = ["base"] + RUNS
+SHARDS = config["eval"]["gsm8k"].get("num_shards", 1)
+
+
+wildcard_constraints:
+    algo="sft|no_baseline|reinforce_with_baseline|grpo_clip",
+    seed=r"\d+",
+    model=r"base|(sft|no_baseline|reinforce_with_baseline|grpo_clip)-seed\d+",
+
+
+def slice_of(rule, **wildcards):
+    """The rule's config slice as one canonical JSON string (see DESIGN.md on params triggers)."""
+    return canonical(rule_slice(config, rule, **wildcards))
+
+
+def model_dir(wildcards):
+    if wildcards.model == "base":
+        return "results/models/base"
+    return f"results/checkpoints/{wildcards.model}"
+
+
+def train_init(wildcards):
+    """PG runs start from the base model, or from the SFT checkpoint of the same seed."""
+    if wildcards.algo != "sft" and config["train"]["pg_init"] == "sft":
+        return f"results/checkpoints/sft-seed{wildcards.seed}"
+    return "results/models/base"
+
+
+def infer_gpus():
+    return gpus_for(LAYOUT, "infer") * (SHARDS if LAYOUT != "cpu" else 0)

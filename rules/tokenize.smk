@@ -1,0 +1,18 @@
+rule tokenize:
+    """SFT shards (safetensors + index) and the train/val prompt sets for rollouts and validation."""
+    input:
+        traces="results/traces/traces.jsonl",
+        train="results/data/train.jsonl",
+        val="results/data/val.jsonl",
+        model="results/models/base",
+    output:
+        shards=directory("results/tokenized/sft"),
+        train_prompts="results/tokenized/prompts/train.jsonl",
+        val_prompts="results/tokenized/prompts/val.jsonl",
+    params:
+        cfg=slice_of("tokenize"),
+    threads: workflow.cores
+    log:
+        "results/logs/tokenize.log",
+    script:
+        "../scripts/tokenize.py"

@@ -1,0 +1,16 @@
+rule traces:
+    """Teacher reasoning traces for the train prompts (gold, API or local model)."""
+    input:
+        train="results/data/train.jsonl",
+        model="results/models/base",
+    output:
+        traces="results/traces/traces.jsonl",
+        summary="results/traces/summary.json",
+    params:
+        cfg=slice_of("traces"),
+    resources:
+        gpu=gpus_for(LAYOUT, "infer") if config["teacher"]["kind"] == "local" else 0,
+    log:
+        "results/logs/traces.log",
+    script:
+        "../scripts/traces.py"

@@ -1,0 +1,18 @@
+"""Rule eval_lm: the lm-eval regression suite with per-doc samples kept."""
+from pathlib import Path
+
+from mathpt.evaluation.lm_eval_suite import run_lm_eval_suite
+from mathpt.gpus import gpus_for
+from mathpt.pipeline import run_script
+
+
+def main(smk, cfg):
+    lm, rt = cfg["lm_eval"], cfg["runtime"]
+    devices = ["cpu"] if rt["layout"] == "cpu" else ["cuda:0"]
+    run_lm_eval_suite(smk.input.model, lm["tasks"], num_fewshot=lm.get("num_fewshot", 4),
+                      backend=lm.get("backend", "vllm"), out_dir=smk.output.out,
+                      local_data_dir=str(Path(smk.input.test).parent), max_gen_toks=lm.get("max_gen_toks", 1024),
+                      devices=devices, limit=lm.get("limit"))
+
+
+run_script(snakemake, main, gpus=gpus_for(snakemake.config["runtime"]["layout"], "infer"))  # noqa: F821

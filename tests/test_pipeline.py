@@ -1,0 +1,150 @@
+"""End-to-end: the whole DAG on a micro config in a temporary copy of the workflow, then the
+rerun rules that users rely on (params triggers), checked with dry runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "config", "report", "profiles"]
+
+
+def micro_config() -> dict:
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    cfg["data"]["limits"] = {"train": 300, "val": 8, "test": 24}
+    cfg["model"]["tiny"].update(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                max_position_embeddings=512, tokenizer_rows=300)
+    cfg["tokenize"] = {"max_seq_len": 256, "microbatch_size": 16}
+    cfg["runtime"].update(engine="hf", max_model_len=512)
+    cfg["train"]["sft"].update(epochs=1, eval_every=10, checkpoint_every=10, val_max_new_tokens=24, warmup_steps=2)
+    cfg["train"]["pg"].update(n_steps=2, rollout_batch_size=8, group_size=4, minibatch_size=4, microbatch_size=8,
+                              max_new_tokens=24, eval_every=2, checkpoint_every=1, val_max_new_tokens=24)
+    cfg["eval"]["gsm8k"].update(k_shot=1, max_new_tokens=24)
+    cfg["eval"]["lm_eval"].update(limit=4, max_gen_toks=24, num_fewshot=1)
+    cfg["stats"]["n_resamples"] = 1000
+    cfg["wandb"]["mode"] = "offline"
+    return cfg
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "micro.yaml", *args]
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=1800)
+    if check and proc.returncode != 0:
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in (workdir / "results" / "logs").rglob("*.log"))
+        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}\n{logs}")
+    return proc
+
+
+def scheduled_jobs(workdir: Path, config_file: str = "micro.yaml") -> list[str]:
+    """Jobs a dry run would execute, as 'rule' or 'rule[wildcards]' strings."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", config_file],
+                          cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    jobs, current = [], None
+    for line in proc.stdout.splitlines():
+        m = re.match(r"^(?:local)?rule (\w+):", line)
+        if m:
+            if current:
+                jobs.append(current)
+            current = m.group(1)
+        m = re.match(r"^\s+wildcards: (.*)$", line)
+        if m and current:
+            current += f"[{m.group(1)}]"
+    if current:
+        jobs.append(current)
+    return sorted(jobs)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, gsm8k_dir) -> Path:
+    work = tmp_path_factory.mktemp("workflow")
+    for part in WORKFLOW_PARTS:
+        src = REPO / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, work / part)
+    cfg = micro_config()
+    cfg["data"]["local_dir"] = str(gsm8k_dir)
+    (work / "micro.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    snakemake(work, "all")
+    return work
+
+
+@pytest.mark.slow
+def test_pipeline_produces_ci_table(finished_run):
+    table = list(csv.DictReader(open(finished_run / "results" / "ci_table.csv")))
+    pairs = {(r["model_a"], r["model_b"]) for r in table}
+    # every trained model vs base, every PG variant vs SFT, the PG variants pairwise
+    for algo in ("sft", "no_baseline", "reinforce_with_baseline", "grpo_clip"):
+        assert any(b.startswith(algo) and a == "base" or a.startswith(algo) and b == "base" for a, b in pairs), algo
+    for r in table:
+        assert int(r["n"]) == 24
+        lo, hi, diff = float(r["ci_low"]), float(r["ci_high"]), float(r["diff"])
+        assert lo <= diff <= hi
+        assert r["benchmark"] == "gsm8k" and r["k_shot"] == "1"
+    for model in ("base", "sft-seed0", "grpo_clip-seed0"):
+        rows = [json.loads(x) for x in open(finished_run / "results" / "eval" / model / "gsm8k.jsonl")]
+        assert [r["index"] for r in rows] == list(range(24))
+    ckpt = finished_run / "results" / "checkpoints" / "grpo_clip-seed0"
+    assert (ckpt / "config.json").exists() and (ckpt / "provenance.json").exists()
+    assert any(ckpt.glob("*.safetensors"))
+    metrics = [json.loads(x) for x in open(finished_run / "results" / "runs" / "grpo_clip-seed0" / "metrics.jsonl")]
+    assert any(m.get("kind") == "eval" for m in metrics)
+    assert (finished_run / "results" / "plots" / "forest.png").stat().st_size > 1000
+    manifest = json.loads((finished_run / "results" / "data" / "manifest.json").read_text())
+    assert manifest
+
+
+@pytest.mark.slow
+def test_nothing_to_do_after_run_and_key_reordering(finished_run):
+    assert scheduled_jobs(finished_run) == []
+    cfg = yaml.safe_load((finished_run / "micro.yaml").read_text())
+    reordered = {k: cfg[k] for k in reversed(list(cfg))}
+    reordered["train"] = {k: cfg["train"][k] for k in reversed(list(cfg["train"]))}
+    (finished_run / "reordered.yaml").write_text(yaml.safe_dump(reordered, sort_keys=False))
+    assert scheduled_jobs(finished_run, "reordered.yaml") == []
+
+
+@pytest.mark.slow
+def test_grpo_change_reruns_only_grpo(finished_run):
+    cfg = yaml.safe_load((finished_run / "micro.yaml").read_text())
+    cfg["train"]["grpo_clip"]["cliprange"] = 0.3
+    (finished_run / "grpo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    jobs = scheduled_jobs(finished_run, "grpo.yaml")
+    assert "train[algo=grpo_clip, seed=0]" in jobs
+    assert "eval_gsm8k[model=grpo_clip-seed0]" in jobs and "ci_table" in jobs
+    assert not any(j.startswith(("train[algo=sft", "train[algo=no_", "train[algo=reinforce")) for j in jobs)
+    assert not any(j.startswith(("data", "base_model", "traces", "tokenize")) for j in jobs)
+    assert not any(j.startswith("eval_gsm8k[model=") and "grpo_clip" not in j for j in jobs)
+
+
+@pytest.mark.slow
+def test_eval_k_change_reruns_evals_not_training(finished_run):
+    cfg = yaml.safe_load((finished_run / "micro.yaml").read_text())
+    cfg["eval"]["gsm8k"]["k_shot"] = 2
+    (finished_run / "k.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    jobs = scheduled_jobs(finished_run, "k.yaml")
+    evals = [j for j in jobs if j.startswith("eval_gsm8k")]
+    assert len(evals) == 5 and "ci_table" in jobs
+    assert not any(j.startswith(("train", "data", "tokenize", "traces", "base_model")) for j in jobs)
+
+
+def test_bad_config_fails_with_key_path(tmp_path):
+    from mathpt.config import ConfigError, validate_config
+
+    cfg = micro_config()
+    cfg["train"]["pg"]["lr"] = -1
+    cfg["eval"]["gsm8k"]["bogus"] = 3
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    assert "train.pg.lr" in str(e.value) and "bogus" in str(e.value)
