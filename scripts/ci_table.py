@@ -1,12 +1,12 @@
 """Rule ci_table: paired bootstrap comparisons -> results/ci_table.csv, accuracy table and plots."""
-from mathpt.ci_table import build_accuracy_table, build_ci_table, eval_paths
+from mathpt.ci_table import build_accuracy_table, build_ci_table, group_runs
 from mathpt.pipeline import run_script
 from mathpt.plots import accuracy_bars, forest_plot
 from mathpt.provenance import git_commit
 
 
 def main(smk, cfg):
-    evals = eval_paths(smk.params.models, smk.input.evals)
+    evals = group_runs(dict(zip(smk.params.models, smk.input.evals, strict=True)))
     g = cfg["gsm8k"]
     meta = {"benchmark": "gsm8k", "split": "test", "scorer": "mathpt.rewards:" + cfg["prompt_style"],
             "k_shot": g["k_shot"], "decoding": f"greedy, max_new_tokens={g['max_new_tokens']}",

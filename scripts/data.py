@@ -6,7 +6,14 @@ from mathpt.pipeline import run_script
 
 
 def main(smk, cfg):
-    prepare_data(cfg, Path(smk.output.train).parent)
+    if cfg["source"] == "arith":
+        source = {"name": "arith", **cfg["arith"]}
+    elif cfg["source"] == "local":
+        source = {"name": "gsm8k", "dir": cfg["local_dir"]}
+    else:
+        source = {"name": "gsm8k"}
+    prepare_data(source, Path(smk.output.train).parent, val_size=cfg["val_size"], seed=cfg["seed"],
+                 limits=cfg["limits"])
 
 
 run_script(snakemake, main)  # noqa: F821 - injected by Snakemake

@@ -101,9 +101,9 @@ def score(generations: list[Generation], answers: list[str], reward_fn) -> dict:
 def eval_metrics(result, answers: list[str], reward_fn) -> dict:
     """Validation metrics of a finished eval job, keyed for logging at the step it was taken at."""
     m = score(result.generations, answers, reward_fn)
-    return {"val/accuracy": m["answer_reward"], "val/format_reward": m["format_reward"],
-            "val/reward": m["reward"], "val/response_length_mean": m["response_length_mean"],
-            "val/weight_version": result.weight_version, "val/generation_time_s": result.elapsed_s}
+    return {"accuracy": m["answer_reward"], "format_rate": m["format_reward"], "reward": m["reward"],
+            "response_length_mean": m["response_length_mean"], "truncated_fraction": m["truncated_fraction"],
+            "weight_version": result.weight_version, "generation_s": result.elapsed_s}
 
 
 class EvalTracker:
@@ -133,11 +133,11 @@ class EvalTracker:
             if r.error:
                 self.failures += 1
                 log.error("validation job for step %d failed: %s", r.step, r.error)
-                self.logger.log_eval({"val/failed": 1.0}, step=r.step)
+                self.logger.log_eval({"failed": 1.0}, step=r.step)
                 continue
             m = eval_metrics(r, self.answers, self.reward_fn)
             log.info("validation at step %d (weights v%d): accuracy %.4f", r.step, r.weight_version,
-                     m["val/accuracy"])
+                     m["accuracy"])
             self.logger.log_eval(m, step=r.step)
 
     def drain(self) -> None:

@@ -97,8 +97,8 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
                               n=group_size, stop=tuple(stop), seed=seed * 1_000_003 + step)
 
     name = os.path.basename(os.path.normpath(out_dir))
-    logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, **_wandb_kwargs(wandb_cfg))
-    logger.truncate_after(start if start else -1)
+    logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, fresh=start == 0,
+                       resume_step=start or None, **_wandb_kwargs(wandb_cfg))
     val = load_prompts(val_prompts_path)
     with logger, InferenceClient(**_client_kwargs(cfg, init_dir, worker_device)) as client:
         evals = EvalTracker(client, val, reward_fn, val_params(pg.get("val_max_new_tokens", 256), stop), logger)
@@ -155,8 +155,8 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
                 "response_length_mean": rollout_stats["response_length_mean"],
                 "response_length_max": rollout_stats["response_length_max"],
                 "truncated_fraction": rollout_stats["truncated_fraction"],
-                "lr": optimizer.param_groups[0]["lr"], "generation_time_s": result.elapsed_s,
-                "handoff_time_s": handoff_s, "trainer_idle_s": idle_s, "trainer_idle_fraction": idle_s / step_s,
+                "lr": optimizer.param_groups[0]["lr"], "generation_s": result.elapsed_s,
+                "handoff_s": handoff_s, "trainer_idle_s": idle_s, "trainer_idle_fraction": idle_s / step_s,
                 "train_time_s": train_s, "step_time_s": step_s, "rollout_weight_version": result.weight_version,
                 "tokens_per_s": int(batch["response_mask"].sum()) / max(train_s, 1e-9),
             })

@@ -73,11 +73,8 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
         return torch.randperm(len(microbatches), generator=g).tolist()
 
     name = os.path.basename(os.path.normpath(out_dir))
-    logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, **_wandb_kwargs(wandb_cfg))
-    if start == 0:
-        logger.truncate_after(-1)
-    else:
-        logger.truncate_after(start)
+    logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, fresh=start == 0,
+                       resume_step=start or None, **_wandb_kwargs(wandb_cfg))
     with logger, InferenceClient(**_client_kwargs(cfg, init_dir, worker_device)) as client:
 
         evals = EvalTracker(client, val, reward_fn, params, logger)

@@ -1,0 +1,1 @@
+"""Training loops (SFT, policy gradient) and their update steps."""

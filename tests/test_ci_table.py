@@ -1,0 +1,190 @@
+"""End-to-end CI tables from small eval / per-doc jsonl files."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from mathpt import ci_table, stats
+from mathpt.io import MathptError
+
+META = {"benchmark": "gsm8k", "split": "test", "scorer": "math-verify 0.9.0", "k_shot": 4,
+        "decoding": "greedy, max 256 tokens", "code_version": "abc123", "task_versions": {"gsm8k": 1}}
+N, R = 60, 400
+ACC = {"base": 0.2, "sft": 0.4, "no_baseline": 0.35, "reinforce_with_baseline": 0.5, "grpo_clip": 0.55}
+
+
+def _write_eval(path, correct, gold=None):
+    rows = [{"index": i, "id": f"test-{i:05d}", "prompt_hash": "h", "response": "r", "extracted": None,
+             "gold": (gold or {}).get(i, str(i)), "correct": bool(c), "generated_tokens": 1, "truncated": False}
+            for i, c in enumerate(correct)]
+    rng = np.random.default_rng(len(str(path)))
+    rng.shuffle(rows)  # file order must not matter
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def evals(tmp_path):
+    rng = np.random.default_rng(0)
+    difficulty = rng.random(N)
+    out, scores = {}, {}
+    for model, acc in ACC.items():
+        for seed in [None] if model == "base" else [0, 1]:
+            c = (rng.random(N) * 0.5 + difficulty * 0.5 < acc).astype(float)
+            name = ci_table.model_name(model, seed)
+            out.setdefault(model, {})[seed] = str(_write_eval(tmp_path / f"{name}.jsonl", c))
+            scores[(model, seed)] = c
+    return out, scores
+
+
+def _num(v):
+    return float("nan") if v == "" else float(v)
+
+
+def test_ci_table_end_to_end(tmp_path, evals):
+    paths, scores = evals
+    out = tmp_path / "results" / "ci_table.csv"
+    rows = ci_table.build_ci_table(paths, out, META, n_resamples=R, seed=0)
+    assert len(rows) == 10 * 3  # 10 declared comparisons x (2 seeds + pooled)
+    csv_rows = ci_table.read_csv(out)
+    assert len(csv_rows) == len(rows)
+    assert set(ci_table.CI_COLUMNS) <= set(csv_rows[0])
+    assert {(r["model_a"], r["model_b"]) for r in csv_rows} == set(ci_table.declared_comparisons(ACC))
+    for r in csv_rows:
+        assert (r["benchmark"], r["split"], r["n"], r["k_shot"], r["code_version"]) == ("gsm8k", "test", "60", "4",
+                                                                                         "abc123")
+        assert json.loads(r["task_versions"]) == {"gsm8k": 1}
+        assert _num(r["ci_low"]) <= _num(r["diff"]) + 1e-12 and _num(r["diff"]) <= _num(r["ci_high"]) + 1e-12
+
+    # A per-seed row against direct computations on the raw scores.
+    row = next(r for r in csv_rows if (r["model_a"], r["model_b"], r["seed"]) == ("grpo_clip", "base", "1"))
+    a, b = scores[("grpo_clip", 1)], scores[("base", None)]
+    assert _num(row["acc_a"]) == pytest.approx(a.mean()) and _num(row["diff"]) == pytest.approx(a.mean() - b.mean())
+    only_a, only_b = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
+    assert (int(row["only_a"]), int(row["only_b"])) == (only_a, only_b)
+    assert int(row["both_right"]) + only_a + only_b + int(row["both_wrong"]) == N
+    assert _num(row["mcnemar_p"]) == pytest.approx(stats.mcnemar_exact_p(only_a, only_b))
+    assert row["p_method"] == "mcnemar_exact"
+    # Same resample indices for every model: the table's interval is the one-pair bootstrap's.
+    ref = stats.paired_bootstrap(a, b, n_resamples=R, seed=0)
+    assert (_num(row["ci_low"]), _num(row["ci_high"])) == pytest.approx((ref["ci_low"], ref["ci_high"]))
+
+    # Holm within the seed-1 family, against a plain reference.
+    fam = [r for r in csv_rows if r["seed"] == "1"]
+    p = [_num(r["mcnemar_p"]) for r in fam]
+    m, order = len(p), np.argsort(p)
+    ref_holm, running = np.empty(m), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        ref_holm[i] = running
+    np.testing.assert_allclose([_num(r["holm_p"]) for r in fam], ref_holm, rtol=1e-10)
+
+    # Pooled row: mean of per-seed differences, bootstrap p, no McNemar.
+    pooled = next(r for r in csv_rows if (r["model_a"], r["model_b"], r["seed"]) == ("grpo_clip", "sft", "pooled"))
+    per_seed = [scores[("grpo_clip", s)].mean() - scores[("sft", s)].mean() for s in (0, 1)]
+    assert _num(pooled["diff"]) == pytest.approx(np.mean(per_seed))
+    assert pooled["n_seeds"] == "2" and pooled["p_method"] == "bootstrap" and pooled["mcnemar_p"] == ""
+    assert pooled["ci_method"] == "hierarchical_bootstrap_percentile"
+    assert 0 < _num(pooled["holm_p"]) <= 1
+
+
+def test_ci_table_single_seed_and_subset(tmp_path, evals):
+    paths, _ = evals
+    sub = {"base": paths["base"], "sft": {0: paths["sft"][0]}, "grpo_clip": {0: paths["grpo_clip"][0]}}
+    rows = ci_table.build_ci_table(sub, tmp_path / "ci.csv", META, n_resamples=R)
+    assert [(r["model_a"], r["model_b"], r["seed"]) for r in rows] == [
+        ("sft", "base", 0), ("grpo_clip", "base", 0), ("grpo_clip", "sft", 0)]
+    rows = ci_table.build_ci_table(sub, tmp_path / "ci2.csv", META, n_resamples=R, comparisons=[("sft", "base")])
+    assert len(rows) == 1 and rows[0]["holm_p"] == pytest.approx(rows[0]["mcnemar_p"])
+
+
+def test_ci_table_identical_models_no_nan(tmp_path, evals):
+    paths, _ = evals
+    same = {"base": paths["base"], "sft": {None: paths["base"][None]}}
+    (row,) = ci_table.build_ci_table(same, tmp_path / "ci.csv", META, n_resamples=R)
+    for k in ("diff", "ci_low", "ci_high", "se_paired", "se_boot", "only_a", "only_b"):
+        assert row[k] == 0
+    assert row["mcnemar_p"] == 1.0 and row["holm_p"] == 1.0 and not math.isnan(row["corr"])
+    assert row["seed"] == ""
+
+
+def test_ci_table_errors(tmp_path, evals):
+    paths, _ = evals
+    with pytest.raises(MathptError, match="decoding"):
+        ci_table.build_ci_table(paths, tmp_path / "x.csv", {k: v for k, v in META.items() if k != "decoding"},
+                                n_resamples=R)
+    with pytest.raises(MathptError, match="'nope'"):
+        ci_table.build_ci_table(paths, tmp_path / "x.csv", META, n_resamples=R, comparisons=[("nope", "base")])
+    bad = _write_eval(tmp_path / "short.jsonl", np.ones(N - 1))
+    with pytest.raises(MathptError, match="short.jsonl"):
+        ci_table.build_ci_table({**paths, "sft": {0: str(bad), 1: paths["sft"][1]}}, tmp_path / "x.csv", META,
+                                n_resamples=R)
+    wrong_gold = _write_eval(tmp_path / "gold.jsonl", np.ones(N), gold={7: "999"})
+    with pytest.raises(MathptError, match="gold answers differ at index 7"):
+        ci_table.build_ci_table({**paths, "sft": {0: str(wrong_gold), 1: paths["sft"][1]}}, tmp_path / "x.csv",
+                                META, n_resamples=R)
+    with pytest.raises(MathptError, match="seeds are paired by number"):
+        ci_table.build_ci_table({**paths, "sft": {0: paths["sft"][0]}}, tmp_path / "x.csv", META, n_resamples=R)
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_accuracy_table(tmp_path, evals):
+    paths, scores = evals
+    rows = ci_table.build_accuracy_table(paths, tmp_path / "acc.csv", META, n_resamples=R)
+    assert len(rows) == 1 + 4 * 3
+    base = rows[0]
+    k = int(scores[("base", None)].sum())
+    assert (base["model"], base["seed"], base["n_correct"], base["ci_method"]) == ("base", "", k, "wilson")
+    assert (base["ci_low"], base["ci_high"]) == pytest.approx(stats.wilson_ci(k, N))
+    pooled = next(r for r in rows if r["model"] == "sft" and r["seed"] == "pooled")
+    assert pooled["acc"] == pytest.approx((scores[("sft", 0)].mean() + scores[("sft", 1)].mean()) / 2)
+    assert pooled["ci_low"] <= pooled["acc"] <= pooled["ci_high"]
+    assert len(ci_table.read_csv(tmp_path / "acc.csv")) == len(rows)
+
+
+def test_regressions_table(tmp_path):
+    rng = np.random.default_rng(1)
+    per_doc = {}
+    for model, seeds in (("base", [None]), ("sft", [0, 1]), ("grpo_clip", [0, 1])):
+        for s in seeds:
+            name = ci_table.model_name(model, s)
+            acc = [{"doc_id": i, "score": float(rng.random() < 0.5), "metric": "acc"} for i in range(40)]
+            ppl = [{"doc_id": i, "score": float(rng.lognormal(3, 0.3)), "metric": "word_perplexity"}
+                   for i in range(25)]
+            files = {}
+            for task, rows in (("arc_local", acc), ("wikitext_local", ppl)):
+                p = tmp_path / f"{name}_{task}.jsonl"
+                p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+                files[task] = str(p)
+            per_doc.setdefault(model, {})[s] = files
+    meta = {"split": "test", "k_shot": {"arc_local": 2, "wikitext_local": 0}, "decoding": "loglikelihood",
+            "code_version": "abc", "task_versions": {"arc_local": 1, "wikitext_local": 2}}
+    out = tmp_path / "regressions.csv"
+    rows = ci_table.build_regressions_table(per_doc, out, meta, n_resamples=R)
+    assert len(rows) == 2 * 2 * 3  # tasks x models x (2 seeds + pooled)
+    for r in rows:
+        wiki = r["task"] == "wikitext_local"
+        assert r["metric"] == ("word_perplexity" if wiki else "acc")
+        assert r["n"] == (25 if wiki else 40) and r["k_shot"] == (0 if wiki else 2)
+        assert r["task_versions"] == (2 if wiki else 1)
+        if wiki:  # continuous: no McNemar or agreement counts; the bootstrap p is Holm-adjusted
+            assert math.isnan(r["mcnemar_p"]) and r["only_a"] is None and r["p_method"] == "bootstrap"
+        assert 0 < r["holm_p"] <= 1
+    csv_rows = ci_table.read_csv(out)
+    assert csv_rows[0]["task"] and set(ci_table.REG_COLUMNS) <= set(csv_rows[0])
+    with pytest.raises(MathptError, match="'base'"):
+        ci_table.build_regressions_table({"sft": per_doc["sft"]}, out, meta, n_resamples=R)
+
+
+def test_naming_helpers():
+    assert ci_table.parse_model_name("grpo_clip-seed3") == ("grpo_clip", 3)
+    assert ci_table.parse_model_name("base") == ("base", None)
+    assert ci_table.group_runs({"base": "b", "sft-seed0": "s0", "sft-seed1": "s1"}) == {
+        "base": {None: "b"}, "sft": {0: "s0", 1: "s1"}}
+    assert ci_table.declared_comparisons(["base", "no_baseline", "grpo_clip"]) == [
+        ("no_baseline", "base"), ("grpo_clip", "base"), ("grpo_clip", "no_baseline")]
+    assert len(ci_table.declared_comparisons(["base", *ci_table.ALGOS])) == 10

@@ -1,0 +1,305 @@
+"""mathpt.stats against independent float64 references and simulations with known truth."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+
+from mathpt import stats
+from mathpt.io import DataError, MathptError
+
+# ----------------------------------------------------------------------------- bootstrap core
+
+
+def test_bootstrap_indices_deterministic():
+    a = stats.bootstrap_indices(37, 50, seed=3)
+    b = stats.bootstrap_indices(37, 50, seed=3)
+    c = stats.bootstrap_indices(37, 50, seed=4)
+    assert a.shape == (50, 37)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.min() >= 0 and a.max() <= 36
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bootstrap_means_matches_reference_loop(monkeypatch, binary):
+    # A tiny block size forces several index blocks, the path that large lm-eval tasks take.
+    monkeypatch.setattr(stats, "_BLOCK_ELEMS", 200)
+    rng = np.random.default_rng(11)
+    m, n, R = 3, 57, 120
+    x = (rng.random((m, n)) < 0.4).astype(np.float64) if binary else rng.normal(3.0, 2.0, (m, n))
+    got = stats.bootstrap_means(x, R, seed=5)
+    idx = stats.bootstrap_indices(n, R, seed=5)
+    ref = np.empty((m, R))
+    for r in range(R):
+        for j in range(m):
+            total = 0.0
+            for i in idx[r]:
+                total += float(x[j, i])
+            ref[j, r] = total / n
+    if binary:
+        np.testing.assert_array_equal(got, ref)  # integer counts: sums are exact
+    else:
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_bootstrap_shares_indices_across_models():
+    # The difference of bootstrap means equals the bootstrap mean of the per-problem difference,
+    # which holds only when A and B are resampled with the same indices.
+    rng = np.random.default_rng(0)
+    a, b = rng.random(80), rng.random(80)
+    boot = stats.bootstrap_means(np.stack([a, b]), 400, seed=1)
+    d = stats.bootstrap_means(a - b, 400, seed=1)[0]
+    np.testing.assert_allclose(boot[0] - boot[1], d, atol=1e-12)
+
+
+def test_bootstrap_speed_gsm8k_size():
+    rng = np.random.default_rng(0)
+    x = (rng.random((2, 1319)) < 0.5).astype(np.float64)
+    stats.bootstrap_means(x, 100, 0)  # warm-up
+    t = time.perf_counter()
+    stats.bootstrap_means(x, 10_000, 0)
+    assert time.perf_counter() - t < 1.0
+
+
+def test_seed_resample_weights():
+    w = stats.seed_resample_weights(3, 2000, seed=2)
+    assert w.shape == (2000, 3)
+    np.testing.assert_allclose(w.sum(1), 1.0)
+    np.testing.assert_allclose(w * 3, np.round(w * 3))
+    np.testing.assert_array_equal(w, stats.seed_resample_weights(3, 2000, seed=2))
+    np.testing.assert_allclose(w.mean(0), 1 / 3, atol=0.02)
+
+
+def test_hierarchical_boot_matches_loop():
+    rng = np.random.default_rng(4)
+    S, R = 3, 50
+    ba, bb = rng.random((S, R)), rng.random((S, R))
+    w = stats.seed_resample_weights(S, R, seed=0)
+    got = stats.hierarchical_boot(ba, bb, w)
+    for r in range(R):
+        ref = sum(float(w[r, s]) * (float(ba[s, r]) - float(bb[s, r])) for s in range(S))
+        assert got[r] == pytest.approx(ref, abs=1e-14)
+
+
+def test_bootstrap_p_reference():
+    rng = np.random.default_rng(2)
+    for loc in (-0.5, 0.0, 0.1, 3.0):
+        d = rng.normal(loc, 1.0, 999)
+        below, above = sum(1 for v in d if v <= 0), sum(1 for v in d if v >= 0)
+        assert stats.bootstrap_p(d) == pytest.approx(min(1.0, 2 * (min(below, above) + 1) / 1000))
+
+
+def test_bootstrap_ci_coverage_known_truth():
+    """Strongly correlated paired 0/1 outcomes with a known difference: the paired percentile CI
+    covers it about 95% of the time (an unpaired or index-mismatched bootstrap would be far wider
+    and cover ~100%)."""
+    probs = np.array([0.50, 0.08, 0.03, 0.39])  # both right, only A, only B, both wrong
+    truth = probs[1] - probs[2]
+    rng = np.random.default_rng(123)
+    n, sims, R = 200, 400, 1000
+    hits, widths = 0, []
+    for k in range(sims):
+        cell = rng.choice(4, size=n, p=probs)
+        a = np.isin(cell, (0, 1)).astype(float)
+        b = np.isin(cell, (0, 2)).astype(float)
+        r = stats.paired_bootstrap(a, b, n_resamples=R, seed=k)
+        hits += r["ci_low"] <= truth <= r["ci_high"]
+        widths.append(r["ci_high"] - r["ci_low"])
+    coverage = hits / sims
+    assert 0.91 <= coverage <= 0.98, coverage
+    true_se = math.sqrt((probs[1] + probs[2] - truth**2) / n)
+    assert np.mean(widths) == pytest.approx(2 * 1.96 * true_se, rel=0.1)
+
+
+# ----------------------------------------------------------------------------- paired comparisons
+
+
+def test_identical_models_degenerate_interval():
+    rng = np.random.default_rng(1)
+    a = (rng.random(300) < 0.3).astype(float)
+    r = stats.paired_bootstrap(a, a.copy(), n_resamples=2000, seed=0)
+    assert r["diff"] == 0.0 and r["ci_low"] == 0.0 and r["ci_high"] == 0.0
+    assert r["se_paired"] == 0.0 and r["se_boot"] == 0.0
+    assert r["only_a"] == 0 and r["only_b"] == 0
+    assert r["mcnemar_p"] == 1.0 and r["boot_p"] == 1.0
+    assert r["corr"] == pytest.approx(1.0)
+    assert all(not (isinstance(v, float) and math.isnan(v)) for v in r.values()), r
+    # All-wrong identical models (a tiny model's usual score): same, only corr is undefined.
+    z = np.zeros(50)
+    r = stats.paired_bootstrap(z, z, n_resamples=500, seed=0)
+    assert (r["diff"], r["ci_low"], r["ci_high"], r["se_paired"], r["mcnemar_p"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
+    assert math.isnan(r["corr"])
+    # Pooled seeds of identical models: also exactly zero.
+    A = (rng.random((3, 40)) < 0.5).astype(float)
+    r = stats.pooled_bootstrap(A, A.copy(), n_resamples=500, seed=0)
+    assert (r["diff"], r["ci_low"], r["ci_high"], r["se_boot"], r["boot_p"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_paired_se_and_corr_vs_direct_formula():
+    rng = np.random.default_rng(7)
+    for binary in (True, False):
+        n = 97
+        a = (rng.random(n) < 0.6).astype(float) if binary else rng.normal(size=n)
+        b = np.where(rng.random(n) < 0.7, a, 1 - a) if binary else 0.5 * a + rng.normal(size=n)
+        ma, mb = sum(a) / n, sum(b) / n
+        var_a = sum((x - ma) ** 2 for x in a) / (n - 1)
+        var_b = sum((y - mb) ** 2 for y in b) / (n - 1)
+        cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True)) / (n - 1)
+        assert stats.paired_se(a, b) == pytest.approx(math.sqrt((var_a + var_b - 2 * cov) / n), rel=1e-12)
+        assert stats.paired_corr(a, b) == pytest.approx(cov / math.sqrt(var_a * var_b), rel=1e-12)
+    assert math.isnan(stats.paired_se([1.0], [0.0]))
+
+
+def test_agreement_counts_vs_loop():
+    rng = np.random.default_rng(3)
+    a = (rng.random(200) < 0.5).astype(float)
+    b = (rng.random(200) < 0.4).astype(float)
+    ref = {"both_right": 0, "only_a": 0, "only_b": 0, "both_wrong": 0}
+    for x, y in zip(a, b, strict=True):
+        key = {(1, 1): "both_right", (1, 0): "only_a", (0, 1): "only_b", (0, 0): "both_wrong"}[(int(x), int(y))]
+        ref[key] += 1
+    assert stats.agreement_counts(a, b) == ref
+
+
+def test_mcnemar_matches_exact_binomial():
+    from scipy.stats import binomtest
+    from statsmodels.stats.contingency_tables import mcnemar
+
+    rng = np.random.default_rng(9)
+    for b, c in [(0, 0), (0, 1), (5, 5), (1, 9), (30, 12)] + [tuple(rng.integers(0, 60, 2)) for _ in range(20)]:
+        got = stats.mcnemar_exact_p(b, c)
+        n = int(b) + int(c)
+        if n == 0:
+            assert got == 1.0
+            continue
+        ref = min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2**n)
+        assert got == pytest.approx(ref, rel=1e-10, abs=1e-15)
+        assert got == pytest.approx(binomtest(int(b), n, 0.5).pvalue, rel=1e-10)
+        assert got == pytest.approx(mcnemar([[10, b], [c, 10]], exact=True).pvalue, rel=1e-10)
+
+
+def _holm_reference(p):
+    m = len(p)
+    order = sorted(range(m), key=lambda i: p[i])
+    adj, running = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adj[i] = running
+    return adj
+
+
+def test_holm_vs_reference_and_nan():
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        p = list(rng.random(int(rng.integers(1, 12))) ** 3)
+        np.testing.assert_allclose(stats.holm(p), _holm_reference(p), rtol=1e-12)
+    p = [0.01, float("nan"), 0.04, 0.03]
+    got = stats.holm(p)
+    assert math.isnan(got[1])
+    np.testing.assert_allclose(got[[0, 2, 3]], _holm_reference([0.01, 0.04, 0.03]))
+
+
+def test_wilson_vs_formula():
+    z = 1.959963984540054
+    for k, n in [(0, 10), (3, 10), (10, 10), (537, 1319)]:
+        p = k / n
+        centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+        half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+        lo, hi = stats.wilson_ci(k, n)
+        assert lo == pytest.approx(max(0.0, centre - half), abs=1e-9)
+        assert hi == pytest.approx(min(1.0, centre + half), abs=1e-9)
+
+
+def test_pooled_bootstrap_widens_with_seed_variance():
+    rng = np.random.default_rng(8)
+    n, S = 300, 4
+    q = rng.random(n)  # per-problem difficulty
+    u = rng.random(n)  # shared noise: runs differ only by their seed shift
+    b = (u < q).astype(float)[None].repeat(S, 0)
+    same = (u < q + 0.05).astype(float)[None].repeat(S, 0)
+    shifts = np.array([-0.15, -0.05, 0.15, 0.25])
+    varied = (u[None] < q[None] + shifts[:, None]).astype(float)
+    r_same = stats.pooled_bootstrap(same, b, n_resamples=2000, seed=0)
+    r_var = stats.pooled_bootstrap(varied, b, n_resamples=2000, seed=0)
+    w_same = r_same["ci_high"] - r_same["ci_low"]
+    w_var = r_var["ci_high"] - r_var["ci_low"]
+    assert w_var > 2 * w_same
+    assert r_var["se_boot"] > 1.5 * r_var["se_paired"]  # training noise on top of test-set noise
+    assert r_same["se_boot"] == pytest.approx(r_same["se_paired"], rel=0.15)
+    assert r_var["diff"] == pytest.approx(np.mean([varied[s].mean() - b[s].mean() for s in range(S)]))
+    assert r_var["mcnemar_p"] != r_var["mcnemar_p"]  # NaN: McNemar does not apply to pooled seeds
+
+
+# ----------------------------------------------------------------------------- reading files
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _eval_row(i, correct, gold="1"):
+    return json.dumps({"index": i, "id": f"test-{i:05d}", "prompt_hash": "h", "response": "r", "extracted": gold,
+                       "gold": gold, "correct": correct, "generated_tokens": 3, "truncated": False})
+
+
+def test_read_eval_scores_sorts_by_index(tmp_path):
+    p = _write(tmp_path / "e.jsonl", [_eval_row(2, True, "7"), "", _eval_row(0, False, "5"), _eval_row(1, True)])
+    r = stats.read_eval_scores(p)
+    assert r.index.tolist() == [0, 1, 2]
+    assert r.score.tolist() == [0.0, 1.0, 1.0]
+    assert r.gold == ("5", "1", "7") and r.binary
+
+
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ("{not json", "invalid JSON"),
+        ('[1, 2]', "expected a JSON object"),
+        ('{"index": 1, "gold": "1"}', "missing key"),
+        ('{"index": "1", "gold": "1", "correct": true}', "must be an integer"),
+        ('{"index": 1, "gold": "1", "correct": "yes"}', "'correct' must be true or false"),
+        (_eval_row(0, True), "duplicate index 0 (first on line 1)"),
+    ],
+)
+def test_malformed_eval_file_names_path_and_line(tmp_path, bad, msg):
+    p = _write(tmp_path / "bad.jsonl", [_eval_row(0, True), "", bad])
+    with pytest.raises(DataError) as e:
+        stats.read_eval_scores(p)
+    assert f"{p}:3:" in str(e.value) and msg in str(e.value)
+
+
+def test_empty_or_missing_eval_file(tmp_path):
+    with pytest.raises(DataError, match="no rows"):
+        stats.read_eval_scores(_write(tmp_path / "empty.jsonl", [""]))
+    with pytest.raises(DataError, match="not found"):
+        stats.read_eval_scores(tmp_path / "nope.jsonl")
+
+
+def test_per_doc_rejects_non_finite_and_mixed_metrics(tmp_path):
+    p = _write(tmp_path / "d.jsonl", ['{"doc_id": 0, "score": 1.5, "metric": "ppl"}',
+                                      '{"doc_id": 1, "score": NaN, "metric": "ppl"}'])
+    with pytest.raises(DataError, match=rf"{p}:2: 'score' must be a finite number"):
+        stats.read_per_doc_scores(p)
+    p = _write(tmp_path / "m.jsonl", ['{"doc_id": 0, "score": 1.0, "metric": "acc"}',
+                                      '{"doc_id": 1, "score": 0.0, "metric": "acc_norm"}'])
+    with pytest.raises(DataError, match="mixed metrics"):
+        stats.read_per_doc_scores(p)
+
+
+def test_align_rejects_different_problems_or_gold(tmp_path):
+    a = stats.read_eval_scores(_write(tmp_path / "a.jsonl", [_eval_row(i, True) for i in range(4)]))
+    b = stats.read_eval_scores(_write(tmp_path / "b.jsonl", [_eval_row(i, False) for i in range(1, 5)]))
+    c = stats.read_eval_scores(_write(tmp_path / "c.jsonl", [_eval_row(i, False, "9" if i == 2 else "1")
+                                                             for i in range(4)]))
+    assert stats.align({"a": a, "a2": a}).shape == (2, 4)
+    with pytest.raises(MathptError) as e:
+        stats.align({"a": a, "b": b})
+    assert "a.jsonl" in str(e.value) and "b.jsonl" in str(e.value) and "[4]" in str(e.value)
+    with pytest.raises(MathptError, match="gold answers differ at index 2"):
+        stats.align({"a": a, "c": c})
