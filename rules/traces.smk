@@ -5,7 +5,7 @@ rule traces:
         model="results/models/base",
     output:
         traces="results/traces/traces.jsonl",
-        summary="results/traces/summary.json",
+        summary="results/traces/traces.summary.json",
     params:
         cfg=slice_of("traces"),
     resources:

@@ -1,4 +1,4 @@
-"""Rule traces: teacher completions for the train prompts."""
+"""Rule traces: teacher completions for the train prompts (cache kept outside the declared outputs)."""
 from pathlib import Path
 
 from mathpt.io import read_jsonl
@@ -8,9 +8,12 @@ from mathpt.teachers.dispatch import generate_traces
 
 def main(smk, cfg):
     rows = read_jsonl(smk.input.train)
-    teacher = {**cfg["teacher"], "model_path": smk.input.model, "runtime": cfg["runtime"]}
+    teacher = dict(cfg["teacher"])
+    if teacher["kind"] == "local":  # default: the base model through the project's engine
+        teacher.setdefault("model_path", smk.input.model)
+        teacher.setdefault("engine", cfg["runtime"]["engine"])
     generate_traces(teacher, rows, cfg["prompt_style"], smk.output.traces,
-                    work_dir=Path("results/traces/.cache"))
+                    work_dir=Path(smk.output.traces).parent / ".work")
 
 
 run_script(snakemake, main)  # noqa: F821
