@@ -23,6 +23,7 @@ rule eval_lm:
     input:
         model=model_dir,
         test="results/data/test.jsonl",
+        train="results/data/train.jsonl",
     output:
         out=directory("results/eval/{model}/lm_eval"),
     params:

@@ -9,10 +9,13 @@ from mathpt.pipeline import run_script
 def main(smk, cfg):
     lm, rt = cfg["lm_eval"], cfg["runtime"]
     devices = ["cpu"] if rt["layout"] == "cpu" else ["cuda:0"]
+    model_kwargs = {"max_model_len": rt["max_model_len"]}
+    if lm.get("backend", "vllm") == "vllm":
+        model_kwargs["gpu_memory_utilization"] = rt["gpu_memory_utilization"]
     run_lm_eval_suite(smk.input.model, lm["tasks"], num_fewshot=lm.get("num_fewshot", 4),
                       backend=lm.get("backend", "vllm"), out_dir=smk.output.out,
                       local_data_dir=str(Path(smk.input.test).parent), max_gen_toks=lm.get("max_gen_toks", 1024),
-                      devices=devices, limit=lm.get("limit"))
+                      devices=devices, limit=lm.get("limit"), model_kwargs=model_kwargs)
 
 
 run_script(snakemake, main, gpus=gpus_for(snakemake.config["runtime"]["layout"], "infer"))  # noqa: F821

@@ -22,10 +22,9 @@ WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "config", "report", "profiles
 def micro_config() -> dict:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["data"]["limits"] = {"train": 300, "val": 8, "test": 24}
-    cfg["model"]["tiny"].update(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                max_position_embeddings=512, tokenizer_rows=300)
+    cfg["model"]["tiny"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, tokenizer_rows=300)
     cfg["tokenize"] = {"max_seq_len": 256, "microbatch_size": 16}
-    cfg["runtime"].update(engine="hf", max_model_len=512)
+    cfg["runtime"].update(engine="hf")
     cfg["train"]["sft"].update(epochs=1, eval_every=10, checkpoint_every=10, val_max_new_tokens=24, warmup_steps=2)
     cfg["train"]["pg"].update(n_steps=2, rollout_batch_size=8, group_size=4, minibatch_size=4, microbatch_size=8,
                               max_new_tokens=24, eval_every=2, checkpoint_every=1, val_max_new_tokens=24)
@@ -38,7 +37,7 @@ def micro_config() -> dict:
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", "micro.yaml", *args]
+    cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", "micro.yaml"]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=1800)
     if check and proc.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in (workdir / "results" / "logs").rglob("*.log"))

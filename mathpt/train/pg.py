@@ -76,8 +76,7 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
     model = load_model(init_dir, dtype=DTYPES[cfg["dtype"]], device=trainer_device)
     tokenizer = load_tokenizer(init_dir)
     model.train()
-    optimizer = make_optimizer(model, lr=pg["lr"], betas=tuple(pg.get("betas", (0.9, 0.999))),
-                               weight_decay=pg.get("weight_decay", 0.0))
+    optimizer = make_optimizer(model, pg)  # fp32 master weights when the model is bf16
     resumed = load_state(state_dir, model, optimizer, None)
     start = resumed["step"] if resumed else 0
 
@@ -141,7 +140,7 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
                 model, optimizer, batch, loss_type=pg["loss_type"], cliprange=pg.get("cliprange", 0.2),
                 epochs=pg.get("epochs_per_batch", 1), minibatch_size=pg.get("minibatch_size", len(gens)),
                 microbatch_size=pg.get("microbatch_size", len(gens)), max_grad_norm=pg.get("max_grad_norm"),
-                loss_aggregation=pg.get("loss_aggregation", "seq_mean"))
+                loss_aggregation=pg.get("loss_aggregation", "seq_mean"), autocast_dtype=None)
             train_s = time.perf_counter() - t_train
             done = step + 1
             handoff_s = client.push_weights(model, version=done)

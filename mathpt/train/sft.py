@@ -56,8 +56,7 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
     per_step = sft.get("microbatches_per_step", 1)
     steps_per_epoch = math.ceil(len(microbatches) / per_step)
     total_steps = steps_per_epoch * sft["epochs"]
-    optimizer = make_optimizer(model, lr=sft["lr"], betas=tuple(sft.get("betas", (0.9, 0.999))),
-                               weight_decay=sft.get("weight_decay", 0.0))
+    optimizer = make_optimizer(model, sft)  # fp32 master weights when the model is bf16
     scheduler = lr_schedule(optimizer, sft.get("warmup_steps", 0), total_steps)
     resumed = load_state(state_dir, model, optimizer, scheduler)
     start = resumed["step"] if resumed else 0
@@ -87,7 +86,7 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
             idx = order(epoch)[i * per_step:(i + 1) * per_step]
             t0 = time.perf_counter()
             metrics = sft_update(model, optimizer, [microbatches[j] for j in idx],
-                                 max_grad_norm=sft.get("max_grad_norm"))
+                                 max_grad_norm=sft.get("max_grad_norm"), autocast_dtype=None)
             scheduler.step()
             dt = time.perf_counter() - t0
             metrics.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=dt,

@@ -86,12 +86,14 @@ def sft_update(
 ) -> dict[str, float]:
     """One optimizer step of SFT over ``microbatches`` (dicts of input_ids, labels, response_mask).
 
-    ``grad_accum`` defaults to the number of microbatches; each microbatch loss is divided by it.
+    With ``grad_accum`` given, each microbatch loss is divided by it (CS336). By default each
+    microbatch is weighted by its share of rows, so the step follows the batch-mean loss exactly even
+    when microbatches differ in size (e.g. built by ``token_budget_microbatches``).
     Returns loss (batch mean of the per-sequence loss), grad_norm (before clipping), entropy and
     nll (per response token), tokens (response tokens).
     """
     device = _device(model)
-    grad_accum = grad_accum or len(microbatches)
+    total_rows = sum(int(mb["input_ids"].shape[0]) for mb in microbatches)
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     tokens = torch.zeros((), device=device)
@@ -103,7 +105,8 @@ def sft_update(
             mb = trim_padding(mb, BATCH_KEYS + ("attention_mask",))
         with _autocast(device, autocast_dtype):
             out = _forward(model, mb, chunk_size)
-            loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], grad_accum, normalize_constant)
+            ga = grad_accum or total_rows / mb["input_ids"].shape[0]
+            loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], ga, normalize_constant)
         mask = mb["response_mask"].bool()
         loss_sum += float(loss)
         tokens += mask.sum()
@@ -152,6 +155,35 @@ def compute_old_log_probs(
     return out
 
 
+def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the number of leading columns that matter: up to the last response token."""
+    m = response_mask.bool()
+    last = m.shape[1] - m.flip(1).long().argmax(1)
+    return torch.where(m.any(1), last, 0)
+
+
+def token_budget_microbatches(
+    lengths: torch.Tensor, max_tokens: int, max_rows: int | None = None
+) -> list[torch.Tensor]:
+    """Split rows into microbatches of at most ``max_tokens`` padded tokens (rows x longest row).
+
+    Rows are taken longest first, so each microbatch holds rows of similar length: after trimming,
+    little padding is left, and short rollouts share a microbatch instead of each costing a slot
+    of the longest one. A single row longer than the budget gets a microbatch of its own.
+    Returns index tensors into ``lengths``.
+    """
+    order = torch.argsort(lengths, descending=True, stable=True).tolist()
+    out: list[list[int]] = []
+    for i in order:
+        cur = out[-1] if out else None
+        longest = int(lengths[cur[0]]) if cur else 0  # rows arrive longest first
+        if cur is not None and (len(cur) + 1) * max(longest, 1) <= max_tokens and (max_rows is None or len(cur) < max_rows):
+            cur.append(i)
+        else:
+            out.append([i])
+    return [torch.tensor(rows, dtype=torch.long) for rows in out]
+
+
 def _minibatches(n: int, size: int, epochs: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     for _ in range(epochs):
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -176,6 +208,7 @@ def pg_update(
     shuffle: bool = True,
     seed: int = 0,
     sort_by_length: bool = True,
+    microbatch_tokens: int | None = None,
 ) -> dict:
     """Policy-gradient updates on one rollout batch; returns metrics (means over optimizer steps).
 
@@ -185,6 +218,9 @@ def pg_update(
     gradients over microbatches of ``microbatch_size``. For ``grpo_clip`` without given old
     log-probs they are computed here before the first step. Within a minibatch rows are grouped by
     length (``sort_by_length``) so microbatches carry little padding; the gradient is unchanged.
+    With ``microbatch_tokens``, microbatches are cut by a padded-token budget instead of a row
+    count (``token_budget_microbatches``; ``microbatch_size`` then caps the rows), which keeps
+    every microbatch big enough to use the GPU well on rollouts of mixed lengths.
     Metrics: loss, grad_norm, entropy, clip_fraction, ratio_mean/min/max, approx_kl, tokens,
     optimizer_steps, and ``per_step`` (one dict per optimizer step).
     """
@@ -196,7 +232,7 @@ def pg_update(
     n = rollout_batch["input_ids"].shape[0]
     minibatch_size = minibatch_size or n
     microbatch_size = microbatch_size or minibatch_size
-    if minibatch_size % microbatch_size:
+    if microbatch_tokens is None and minibatch_size % microbatch_size:
         raise ValueError(f"minibatch_size {minibatch_size} is not a multiple of microbatch_size {microbatch_size}")
     batch = dict(rollout_batch)
     if loss_type == "grpo_clip" and batch.get("old_log_probs") is None:
@@ -205,8 +241,7 @@ def pg_update(
         # fixed before padding is trimmed per microbatch; trainers should pass max_new_tokens
         normalize_constant = float(batch["response_mask"].shape[1])
     seq_keys = BATCH_KEYS + tuple(k for k in ("attention_mask", "old_log_probs") if k in batch)
-    lengths = batch["response_mask"].shape[1] - batch["response_mask"].flip(1).long().argmax(1)
-    lengths = torch.where(batch["response_mask"].any(1), lengths, 0)
+    lengths = response_lengths(batch["response_mask"])
     gen = torch.Generator().manual_seed(seed) if shuffle else None
 
     per_step: list[dict[str, float]] = []
@@ -217,8 +252,11 @@ def pg_update(
         optimizer.zero_grad(set_to_none=True)
         acc = {"loss": 0.0, "tokens": 0.0, "ent": 0.0, "clipped": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0}
         rmin, rmax = math.inf, -math.inf
-        for s in range(0, len(idx), microbatch_size):
-            rows = idx[s : s + microbatch_size]
+        if microbatch_tokens is not None:
+            groups = [idx[g] for g in token_budget_microbatches(lengths[idx], microbatch_tokens, microbatch_size)]
+        else:
+            groups = [idx[s : s + microbatch_size] for s in range(0, len(idx), microbatch_size)]
+        for rows in groups:
             mb = {k: batch[k][rows] for k in seq_keys}
             mb = trim_padding(_to(mb, device), seq_keys)
             rew = batch["raw_rewards"][rows].to(device).float().unsqueeze(-1)
@@ -277,3 +315,50 @@ def pg_update(
     metrics["optimizer_steps"] = len(per_step)
     metrics["per_step"] = per_step
     return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Speed knobs for big models on GPU (no-ops or plain eager elsewhere)
+# --------------------------------------------------------------------------------------------------
+
+
+def _decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    body = getattr(model, "model", model)
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no .model.layers to compile or checkpoint")
+    return list(layers)
+
+
+def compile_layers(model: torch.nn.Module, dynamic: bool = True) -> None:
+    """torch.compile each decoder layer in place ("regional" compilation).
+
+    All layers share one compiled graph, so compiling takes about as long as for one layer, and
+    inductor fuses norms/rotary/SwiGLU and recomputes cheap elementwise ops in backward instead of
+    saving them (less activation memory). ``dynamic`` avoids a recompile per sequence length.
+    """
+    for layer in _decoder_layers(model):
+        layer.compile(dynamic=dynamic)
+
+
+def checkpoint_layers(model: torch.nn.Module, n_layers: int) -> int:
+    """Activation checkpointing on the first ``n_layers`` decoder layers (HF GradientCheckpointingLayer).
+
+    Each checkpointed layer keeps only its input and recomputes its forward in backward: ~1/3 more
+    compute for that layer, all its activations saved. Use the smallest count that fits memory.
+    Returns how many layers were switched on.
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    fn = functools.partial(checkpoint, use_reentrant=False)
+    count = 0
+    for i, layer in enumerate(_decoder_layers(model)):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise ValueError(f"{type(layer).__name__} does not support HF gradient checkpointing")
+        on = i < n_layers
+        layer.gradient_checkpointing = on
+        layer._gradient_checkpointing_func = fn
+        count += on
+    return count
