@@ -54,6 +54,8 @@ def _check_consistency(config: dict) -> None:
         merged = pg_config(config, algo)
         if merged["rollout_batch_size"] % merged.get("minibatch_size", merged["rollout_batch_size"]):
             raise ConfigError(f"config key 'train.{algo}.minibatch_size': must divide train.pg.rollout_batch_size")
+        if merged.get("minibatch_size", 1) % merged.get("microbatch_size", 1):
+            raise ConfigError(f"config key 'train.pg.microbatch_size': must divide the minibatch_size of {algo}")
     if config["model"]["kind"] == "pretrained" and not config["model"].get("path"):
         raise ConfigError("config key 'model.path': required when model.kind is 'pretrained'")
     if config["model"]["kind"] == "tiny" and not config["model"].get("tiny"):

@@ -119,7 +119,11 @@ def materialize_base_model(cfg: dict, train_path: str | os.PathLike, out_dir: st
             tiny = dict(cfg["tiny"])
             rows = read_jsonl(train_path, required_keys=("question", "solution"))
             n = tiny.pop("tokenizer_rows", len(rows))
-            texts = [f"{r['question']}\n{r['solution']}\n{r['answer']}" for r in rows[:n]]
+            # Both prompt templates are part of the corpus so the tiny tokenizer merges their words too.
+            from mathpt.prompts import STYLES, format_prompt
+
+            texts = [format_prompt(r["question"], s) + f"{r['solution']}\n{r['answer']}"
+                     for r in rows[:n] for s in STYLES]
             build_tiny_model(texts, tmp, tiny)
         else:
             path = cfg["path"]

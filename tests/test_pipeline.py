@@ -22,11 +22,11 @@ WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "config", "report", "profiles
 def micro_config() -> dict:
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["data"]["limits"] = {"train": 300, "val": 8, "test": 24}
-    cfg["model"]["tiny"].update(hidden_size=64, intermediate_size=128, num_hidden_layers=1, tokenizer_rows=300)
-    cfg["tokenize"] = {"max_seq_len": 256, "microbatch_size": 16}
+    cfg["model"]["tiny"].update(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1, tokenizer_rows=300)
+    cfg["tokenize"] = {"max_seq_len": 512, "microbatch_size": 16}
     cfg["runtime"].update(engine="hf")
     cfg["train"]["sft"].update(epochs=1, eval_every=10, checkpoint_every=10, val_max_new_tokens=24, warmup_steps=2)
-    cfg["train"]["pg"].update(n_steps=2, rollout_batch_size=8, group_size=4, minibatch_size=4, microbatch_size=8,
+    cfg["train"]["pg"].update(n_steps=2, rollout_batch_size=8, group_size=4, minibatch_size=4, microbatch_size=4,
                               max_new_tokens=24, eval_every=2, checkpoint_every=1, val_max_new_tokens=24)
     cfg["eval"]["gsm8k"].update(k_shot=1, max_new_tokens=24)
     cfg["eval"]["lm_eval"].update(limit=4, max_gen_toks=24, num_fewshot=1)

@@ -120,7 +120,8 @@ class EvalTracker:
 
     def submit(self, model, step: int) -> float:
         """Hand the current weights to the worker as version ``step`` and queue a val eval on them."""
-        handoff_s = self.client.push_weights(model, version=step)
+        # the worker starts from the init checkpoint, which is version 0
+        handoff_s = self.client.push_weights(model, version=step) if step > 0 else 0.0
         self.pending.add(self.client.submit("eval", self.prompts, self.params, step=step))
         return handoff_s
 

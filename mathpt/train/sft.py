@@ -36,7 +36,7 @@ from mathpt.train.common import (
     set_seed,
     val_params,
 )
-from mathpt.train.steps import sft_update
+from mathpt.train.steps import compile_layers, sft_update
 
 log = logging.getLogger("mathpt.train.sft")
 
@@ -51,6 +51,8 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
     model = load_model(init_dir, dtype=DTYPES[cfg["dtype"]], device=trainer_device)
     tokenizer = load_tokenizer(init_dir)
     model.train()
+    if model.device.type == "cuda":
+        compile_layers(model)  # per-layer torch.compile: ~30% faster, less activation memory (BENCHMARKS.md)
 
     microbatches = list(iter_sft_shards(shards_dir))
     per_step = sft.get("microbatches_per_step", 1)
@@ -111,9 +113,10 @@ def _wandb_kwargs(wandb_cfg: dict | None) -> dict:
 
 def _client_kwargs(cfg: dict, model_path: str, worker_device: str) -> dict:
     rt = cfg["runtime"]
-    kwargs = {"max_model_len": rt.get("max_model_len", 2048)}
+    kwargs = {}  # vLLM-only settings; the hf engine takes none of them
     if rt["engine"] == "vllm":
-        kwargs["gpu_memory_utilization"] = rt.get("gpu_memory_utilization", 0.5)
+        kwargs = {"max_model_len": rt.get("max_model_len", 2048),
+                  "gpu_memory_utilization": rt.get("gpu_memory_utilization", 0.5)}
     return {"engine": rt["engine"], "model_path": model_path, "device": worker_device,
             "handoff": rt.get("handoff", "auto"), "engine_kwargs": kwargs,
             "heartbeat_timeout_s": rt.get("heartbeat_timeout_s", 120)}

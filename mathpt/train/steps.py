@@ -56,9 +56,15 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def _clip(model: torch.nn.Module, max_grad_norm: float | None) -> float:
-    params = [p for p in model.parameters() if p.grad is not None]
+def _clip(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
+    """Grad norm before clipping; clips to ``max_grad_norm`` (None or <= 0: no clipping).
+
+    Optimizers that can fold the clip factor into their update (MasterWeightAdamW) do it there.
+    """
     limit = max_grad_norm if max_grad_norm and max_grad_norm > 0 else math.inf
+    if hasattr(optimizer, "clip_grad_norm_"):
+        return float(optimizer.clip_grad_norm_(limit))
+    params = [p for p in model.parameters() if p.grad is not None]
     return float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
 
 
@@ -112,7 +118,7 @@ def sft_update(
         tokens += mask.sum()
         ent_sum += torch.where(mask, out["token_entropy"].detach(), 0.0).sum()
         nll_sum += torch.where(mask, -out["log_probs"].detach(), 0.0).sum()
-    grad_norm = _clip(model, max_grad_norm)
+    grad_norm = _clip(model, optimizer, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     n = max(float(tokens), 1.0)
@@ -292,7 +298,7 @@ def pg_update(
                 acc["kl_sum"] += float(meta["approx_kl"]) * t
                 rmin = min(rmin, float(meta["ratio_min"]))
                 rmax = max(rmax, float(meta["ratio_max"]))
-        grad_norm = _clip(model, max_grad_norm)
+        grad_norm = _clip(model, optimizer, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tk = max(acc["tokens"], 1.0)

@@ -1,0 +1,194 @@
+"""mathpt.train.steps on a tiny random Qwen2: exact gradients, off-policy GRPO-clip, microbatching."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from mathpt.functional import aggregate_loss, compute_policy_gradient_loss, naive_response_log_probs
+from mathpt.optim import MasterWeightAdamW
+from mathpt.train.steps import compute_old_log_probs, pg_update, sft_update
+
+V, B, T = 89, 8, 14
+
+
+def tiny_qwen(dtype=torch.float64, seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(cfg).to(dtype)
+
+
+@pytest.fixture(scope="module")
+def model64():
+    return tiny_qwen()
+
+
+def rollout(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Right-padded rows: a prompt of 3-5 tokens, then a response of 0-8 tokens, then padding."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (B, T + 1), generator=gen)
+    mask = torch.zeros(B, T, dtype=torch.bool)
+    for i in range(B):
+        p = int(torch.randint(3, 6, (1,), generator=gen))
+        r = 0 if i == 1 else int(torch.randint(1, 9, (1,), generator=gen))
+        mask[i, p - 1 : p - 1 + r] = True
+        ids[i, p + r :] = 0  # pad
+    rewards = (torch.rand(B, generator=gen) < 0.5).float()
+    grp = rewards.view(-1, 4)
+    adv = ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-6)).reshape(-1)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "response_mask": mask, "raw_rewards": rewards, "advantages": adv}
+
+
+def reference_pg_grad(model, batch, loss_type, aggregation="seq_mean"):
+    """Gradient of the whole-batch loss through the naive full-logits formula (no microbatches)."""
+    m = copy.deepcopy(model)
+    lp = naive_response_log_probs(m, batch["input_ids"], batch["labels"])["log_probs"]
+    per_tok, _ = compute_policy_gradient_loss(
+        lp, loss_type, batch["raw_rewards"].double()[:, None], batch["advantages"].double()[:, None], lp.detach(), 0.2
+    )
+    aggregate_loss(per_tok, batch["response_mask"], aggregation).backward()
+    return [p.grad.clone() for p in m.parameters()]
+
+
+def sgd_delta(model, fn, lr=1.0):
+    m = copy.deepcopy(model)
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = torch.optim.SGD(m.parameters(), lr=lr)
+    metrics = fn(m, opt)
+    return [(b - p.detach()) / lr for b, p in zip(before, m.parameters(), strict=True)], metrics
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean", "sum_norm"])
+def test_pg_update_gradient_equals_full_batch_reference(model64, aggregation):
+    batch = rollout(1)
+    ref = reference_pg_grad(model64, batch, "reinforce_with_baseline", aggregation)
+    for loss_type in ("reinforce_with_baseline", "grpo_clip"):
+        got, metrics = sgd_delta(
+            model64,
+            lambda m, o, lt=loss_type: pg_update(
+                m, o, batch, lt, microbatch_size=2, max_grad_norm=None, loss_aggregation=aggregation,
+                autocast_dtype=None, chunk_size=5,
+            ),
+        )
+        for g, r in zip(got, ref, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
+        assert metrics["optimizer_steps"] == 1
+
+
+def test_grpo_clip_equals_reinforce_with_baseline_for_one_step_per_batch(model64):
+    batch = rollout(2)
+    kw = {"microbatch_size": 2, "max_grad_norm": None, "autocast_dtype": None}
+    a, ma = sgd_delta(model64, lambda m, o: pg_update(m, o, batch, "grpo_clip", **kw))
+    b, _ = sgd_delta(model64, lambda m, o: pg_update(m, o, batch, "reinforce_with_baseline", **kw))
+    assert any(x.abs().max() > 0 for x in a)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
+    assert ma["ratio_min"] == pytest.approx(1.0) and ma["ratio_max"] == pytest.approx(1.0)
+    assert ma["clip_fraction"] == 0.0
+
+
+def test_grpo_clip_is_off_policy_after_the_first_step(model64):
+    batch = rollout(3)
+    m = copy.deepcopy(model64)
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-2)
+    metrics = pg_update(
+        m, opt, batch, "grpo_clip", cliprange=0.05, epochs=2, minibatch_size=4, microbatch_size=2,
+        autocast_dtype=None, seed=0,
+    )
+    steps = metrics["per_step"]
+    assert len(steps) == 4 and metrics["optimizer_steps"] == 4
+    first, later = steps[0], steps[1:]
+    assert first["ratio_min"] == pytest.approx(1.0) and first["ratio_max"] == pytest.approx(1.0)
+    assert first["clip_fraction"] == 0.0
+    assert max(abs(s["ratio_max"] - 1) + abs(s["ratio_min"] - 1) for s in later) > 0.05
+    assert max(s["clip_fraction"] for s in later) > 0.0
+
+
+def test_given_old_log_probs_are_the_behaviour_policy(model64):
+    batch = rollout(4)
+    old = compute_old_log_probs(model64, batch, microbatch_size=4, autocast_dtype=None)
+    want = naive_response_log_probs(model64, batch["input_ids"], batch["labels"])["log_probs"].detach()
+    mask = batch["response_mask"]
+    torch.testing.assert_close(old[mask].double(), want[mask], rtol=1e-6, atol=1e-6)
+    shifted = dict(batch, old_log_probs=old - 0.5)  # as if the sampler's policy was different
+    m = copy.deepcopy(model64)
+    metrics = pg_update(m, torch.optim.SGD(m.parameters(), lr=0.0), shifted, "grpo_clip", autocast_dtype=None)
+    assert metrics["ratio_min"] == pytest.approx(torch.exp(torch.tensor(0.5)).item(), rel=1e-5)
+    assert metrics["clip_fraction"] > 0.0
+
+
+def test_sft_update_equals_full_batch_gradient(model64):
+    batch = rollout(5)
+    full = copy.deepcopy(model64)
+    lp = naive_response_log_probs(full, batch["input_ids"], batch["labels"])["log_probs"]
+    loss = -(torch.where(batch["response_mask"], lp, 0.0).sum(-1) / 7.0).mean()
+    loss.backward()
+    ref = [p.grad for p in full.parameters()]
+    micro = [{k: batch[k][s : s + 4] for k in ("input_ids", "labels", "response_mask")} for s in (0, 4)]
+    got, metrics = sgd_delta(
+        model64,
+        lambda m, o: sft_update(m, o, micro, max_grad_norm=None, normalize_constant=7.0, autocast_dtype=None),
+    )
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-9)
+    assert metrics["tokens"] == batch["response_mask"].sum().item()
+
+
+def test_bf16_model_with_master_weights_trains_under_autocast():
+    model = tiny_qwen(torch.bfloat16, seed=1)
+    batch = rollout(6)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    metrics = pg_update(model, opt, batch, "grpo_clip", epochs=2, minibatch_size=4, microbatch_size=2)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    assert metrics["entropy"] > 0
+
+
+def test_token_budget_microbatches_cover_rows_and_respect_budget():
+    from mathpt.train.steps import token_budget_microbatches
+
+    gen = torch.Generator().manual_seed(7)
+    lengths = torch.randint(1, 50, (37,), generator=gen)
+    groups = token_budget_microbatches(lengths, max_tokens=120, max_rows=6)
+    assert sorted(torch.cat(groups).tolist()) == list(range(37))
+    for g in groups:
+        longest = int(lengths[g].max())
+        assert len(g) <= 6
+        assert len(g) == 1 or len(g) * longest <= 120
+
+
+def test_token_budget_pg_and_uneven_sft_microbatches_keep_the_exact_gradient(model64):
+    batch = rollout(8)
+    ref = reference_pg_grad(model64, batch, "reinforce_with_baseline")
+    got, _ = sgd_delta(
+        model64,
+        lambda m, o: pg_update(
+            m, o, batch, "reinforce_with_baseline", microbatch_tokens=20, max_grad_norm=None, autocast_dtype=None
+        ),
+    )
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
+
+    full = copy.deepcopy(model64)
+    lp = naive_response_log_probs(full, batch["input_ids"], batch["labels"])["log_probs"]
+    (-(torch.where(batch["response_mask"], lp, 0.0).sum(-1)).mean()).backward()
+    keys = ("input_ids", "labels", "response_mask")
+    micro = [{k: batch[k][rows] for k in keys} for rows in (slice(0, 1), slice(1, 6), slice(6, 8))]
+    got, _ = sgd_delta(model64, lambda m, o: sft_update(m, o, micro, max_grad_norm=None, autocast_dtype=None))
+    for g, p in zip(got, full.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-10)
