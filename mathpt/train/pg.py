@@ -136,7 +136,8 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
                 reward_fn, [g.text for g in gens], answers, group_size,
                 pg.get("advantage_eps", 1e-6), pg.get("normalize_by_std", True))
             batch = rollout_batch(gens, tokenizer.pad_token_id)
-            batch["raw_rewards"] = torch.as_tensor(raw_rewards, dtype=torch.float32).flatten()
+            raw_rewards = torch.as_tensor(raw_rewards, dtype=torch.float32).flatten()
+            batch["raw_rewards"] = raw_rewards
             batch["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).flatten()
             t_train = time.perf_counter()
             metrics = pg_update(
@@ -154,7 +155,7 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
             step_s = time.perf_counter() - t_step
             rollout_stats = score(gens, answers, reward_fn)
             metrics.update({
-                "reward_mean": rollout_stats["reward"], "reward_std": float(np.std(raw_rewards)),
+                "reward_mean": rollout_stats["reward"], "reward_std": float(raw_rewards.std(unbiased=False)),
                 "format_reward": rollout_stats["format_reward"], "answer_reward": rollout_stats["answer_reward"],
                 "response_length_mean": rollout_stats["response_length_mean"],
                 "response_length_max": rollout_stats["response_length_max"],

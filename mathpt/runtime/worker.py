@@ -1,0 +1,211 @@
+"""The inference worker process: blocks on jobs, applies new weights between jobs, returns results.
+
+Started by ``InferenceClient`` with the ``spawn`` context. It leads its own process group (so the
+trainer can kill it and anything it started in one call), ignores Ctrl-C (the trainer decides),
+beats a heartbeat from a thread, and kills its own group if the trainer goes away.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+from mathpt.engines.base import Generation, SamplingConfig
+from mathpt.io import MathptError
+
+KINDS = ("rollout", "eval")
+
+
+@dataclass
+class Job:
+    job_id: int
+    kind: str
+    prompts: list
+    params: SamplingConfig
+    step: int
+    tag: dict | None
+    min_version: int  # the newest version pushed before submit: the job runs with >= this
+
+
+@dataclass
+class JobResult:
+    """What one job produced, tagged with the training step it was submitted at and the exact
+    weight version that generated every one of its completions."""
+
+    job_id: int
+    kind: str
+    step: int
+    weight_version: int
+    generations: list[Generation] = field(default_factory=list)
+    error: str | None = None
+    elapsed_s: float = 0.0
+    tag: dict | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def summary(self) -> dict:
+        """A small dict for logs: which step and weight version, how much was generated, any error."""
+        return {
+            "job_id": self.job_id, "kind": self.kind, "step": self.step, "weight_version": self.weight_version,
+            "generations": len(self.generations), "tokens": sum(len(g.token_ids) for g in self.generations),
+            "elapsed_s": round(self.elapsed_s, 3), "error": self.error.strip().splitlines()[-1] if self.error else None,
+            **({"tag": self.tag} if self.tag else {}),
+        }
+
+    def raise_for_error(self) -> JobResult:
+        if self.error is not None:
+            raise MathptError(f"{self.kind} job {self.job_id} (step {self.step}) failed in the inference worker:\n{self.error}")
+        return self
+
+
+@dataclass
+class WorkerConfig:
+    engine: str
+    model_path: str
+    device: str  # in the trainer's numbering
+    engine_kwargs: dict
+    parent_pid: int
+    heartbeat_interval_s: float = 0.5
+
+
+def _physical_gpu(device: str) -> str:
+    """The physical index of ``cuda:N`` as the trainer numbers it (honouring its CUDA_VISIBLE_DEVICES)."""
+    idx = int(device.split(":")[1]) if ":" in device else 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible:
+        return visible.split(",")[idx]
+    return str(idx)
+
+
+def _beat(cfg: WorkerConfig, heartbeat) -> None:
+    while True:
+        heartbeat.value = time.time()
+        if os.getppid() != cfg.parent_pid:  # the trainer is gone: take our whole group down
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        time.sleep(cfg.heartbeat_interval_s)
+
+
+def _handoff_loop(state: dict, device: str, ctrl_q, ack_q, job_q, mailbox) -> None:
+    """Hand-off thread: builds receivers and (nccl) receives broadcasts while the main thread generates."""
+    from mathpt.runtime.handoff import Receiver
+
+    while True:
+        msg = ctrl_q.get()
+        if msg[0] == "stop":
+            return
+        key = ("setup", msg[1]["mode"]) if msg[0] == "setup" else ("stage", msg[1])
+        try:
+            if msg[0] == "setup":
+                new = Receiver(msg[1], device, mailbox)  # nccl: rendezvous with the trainer here
+                with mailbox.lock:  # never swap under a main thread that is applying
+                    old, state["receiver"] = state["receiver"], new
+                if old is not None:
+                    old.close()
+            else:
+                state["receiver"].receive(msg[1])
+                job_q.put(("weights", msg[1]))  # wake the main loop
+            ack_q.put((key, None))
+        except Exception:  # noqa: BLE001 - reported to the trainer, which raises
+            ack_q.put((key, traceback.format_exc()))
+
+
+def _next_job(pending: deque) -> Job | None:
+    for i, j in enumerate(pending):  # rollouts first: the trainer is waiting for them
+        if j.kind == "rollout":
+            del pending[i]
+            return j
+    return pending.popleft() if pending else None
+
+
+def worker_main(cfg: WorkerConfig, job_q, result_q, ctrl_q, ack_q, mailbox, heartbeat) -> None:
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    heartbeat.value = time.time()
+    threading.Thread(target=_beat, args=(cfg, heartbeat), daemon=True, name="heartbeat").start()
+    device = "cpu"
+    if cfg.device.startswith("cuda"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = _physical_gpu(cfg.device)
+        device = "cuda:0"
+    state: dict = {"receiver": None}
+    threading.Thread(target=_handoff_loop, args=(state, device, ctrl_q, ack_q, job_q, mailbox),
+                     daemon=True, name="handoff").start()
+    try:
+        from mathpt.engines.base import make_engine
+
+        engine = make_engine(cfg.engine, cfg.model_path, device=device, **cfg.engine_kwargs)
+        dtype = getattr(engine, "dtype", None)
+        result_q.put(("ready", {"pid": os.getpid(), "dtype": dtype}))
+        _serve(engine, state, job_q, result_q)
+    except BaseException:  # noqa: BLE001 - the trainer turns this into a clear error
+        result_q.put(("fatal", traceback.format_exc()))
+    finally:
+        result_q.close()
+        result_q.join_thread()  # deliver everything before exiting
+        _release_semaphores()
+        os._exit(0)  # vLLM can leave non-daemon threads behind
+
+
+def _release_semaphores() -> None:
+    """Run multiprocessing's exit finalizers, which ``os._exit`` skips: they unlink the semaphores
+    this process made (tqdm's lock, for one), which the shared resource tracker would report."""
+    try:
+        from multiprocessing import util
+
+        util._run_finalizers(0)
+    except Exception:  # noqa: BLE001 - private API; the tracker cleans up anyway
+        pass
+
+
+def _serve(engine, state: dict, job_q, result_q) -> None:
+    pending: deque[Job] = deque()
+    stop = False
+    while not stop:
+        try:
+            msgs = [job_q.get(timeout=1.0)] if not pending else []
+        except queue.Empty:
+            msgs = []
+        while True:
+            try:
+                msgs.append(job_q.get_nowait())
+            except queue.Empty:
+                break
+        for m in msgs:
+            if m[0] == "job":
+                pending.append(m[1])
+            elif m[0] == "stop":
+                stop = True
+        receiver = state["receiver"]
+        if receiver is not None:
+            receiver.apply_newest(engine)  # an exception here is fatal: the engine may be half-updated
+        job = _next_job(pending)
+        if job is None:
+            continue
+        result_q.put(("result", _run(engine, job)))
+
+
+def _run(engine, job: Job) -> JobResult:
+    t0 = time.perf_counter()
+    version = engine.weight_version
+    res = JobResult(job.job_id, job.kind, job.step, version, tag=job.tag)
+    try:
+        if version < job.min_version:
+            raise MathptError(f"job needs weight version >= {job.min_version} but the worker has {version}")
+        res.generations = engine.generate(job.prompts, job.params)
+        if any(g.weight_version != version for g in res.generations):
+            raise MathptError("weights changed during a generation")
+    except Exception:  # noqa: BLE001 - a failed job is reported, not dropped
+        res.error = traceback.format_exc()
+        res.generations = []
+    res.elapsed_s = time.perf_counter() - t0
+    return res
