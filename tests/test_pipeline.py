@@ -147,3 +147,10 @@ def test_bad_config_fails_with_key_path(tmp_path):
     with pytest.raises(ConfigError) as e:
         validate_config(cfg)
     assert "train.pg.lr" in str(e.value) and "bogus" in str(e.value)
+
+
+@pytest.mark.slow
+def test_report_builds(finished_run):
+    snakemake(finished_run, "--report", "results/report.html")
+    html = (finished_run / "results" / "report.html").read_text(errors="replace")
+    assert "ci_table.csv" in html and "forest.png" in html and "reward_val.png" in html
