@@ -52,14 +52,10 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def iter_jsonl(path: str | os.PathLike, required_keys: Iterable[str] = ()) -> Iterator[dict]:
-    """Yield the JSON objects of a jsonl file; blank lines are skipped.
-
-    Raises DataError naming ``path:line`` for invalid JSON, a non-object row or a missing key.
-    """
-    required = tuple(required_keys)
+def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)`` for each non-blank line; DataError names ``path:line``."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"{path}: file not found")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -71,10 +67,20 @@ def iter_jsonl(path: str | os.PathLike, required_keys: Iterable[str] = ()) -> It
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path}:{lineno}: missing key(s) {missing}")
-            yield row
+            yield lineno, row
+
+
+def iter_jsonl(path: str | os.PathLike, required_keys: Iterable[str] = ()) -> Iterator[dict]:
+    """Yield the JSON objects of a jsonl file; blank lines are skipped.
+
+    Raises DataError naming ``path:line`` for invalid JSON, a non-object row or a missing key.
+    """
+    required = tuple(required_keys)
+    for lineno, row in iter_jsonl_numbered(path):
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing key(s) {missing}")
+        yield row
 
 
 def read_jsonl(path: str | os.PathLike, required_keys: Iterable[str] = ()) -> list[dict]:

@@ -13,7 +13,6 @@ analytic SE apply).
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Mapping
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mathpt.io import DataError, MathptError
+from mathpt.io import DataError, MathptError, iter_jsonl_numbered
 
 ALPHA = 0.05
 # Bootstrap indices are drawn in blocks of about this many elements, so memory stays bounded
@@ -54,29 +53,11 @@ def is_binary(x: np.ndarray) -> bool:
     return bool(np.all((x == 0) | (x == 1)))
 
 
-def _iter_numbered(path: Path) -> Iterator[tuple[int, dict]]:
-    # mathpt.io.iter_jsonl skips blank lines without exposing line numbers; the per-field checks
-    # below need them to name ``file:line``, so this reader keeps the same error format.
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-
-
 def _read_scores(path: str | os.PathLike, id_key: str, kind: str) -> RunScores:
     path = Path(path)
     seen: dict[int, int] = {}
     idx, scores, golds, metrics = [], [], [], set()
-    for lineno, row in _iter_numbered(path):
+    for lineno, row in iter_jsonl_numbered(path):
         where = f"{path}:{lineno}"
         need = (id_key, "gold", "correct") if kind == "eval" else (id_key, "score", "metric")
         missing = [k for k in need if k not in row]

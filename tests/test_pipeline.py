@@ -154,3 +154,30 @@ def test_report_builds(finished_run):
     snakemake(finished_run, "--report", "results/report.html")
     html = (finished_run / "results" / "report.html").read_text(errors="replace")
     assert "ci_table.csv" in html and "forest.png" in html and "reward_val.png" in html
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_saved_state(finished_run):
+    """SIGKILL a PG training job once it has saved state; the rerun resumes instead of restarting."""
+    import signal
+    import time
+
+    target = "results/checkpoints/grpo_clip-seed0"
+    state = finished_run / "results" / "state" / "grpo_clip-seed0" / "state.json"
+    cmd = [sys.executable, "-m", "snakemake", target, "--force", "--cores", "2", "--configfile", "micro.yaml"]
+    proc = subprocess.Popen(cmd, cwd=finished_run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, env={**os.environ, "WANDB_MODE": "offline"})
+    deadline = time.monotonic() + 600
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state.exists(), "the training job never saved resumable state"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert json.loads(state.read_text())["step"] == 1
+    snakemake(finished_run, target, "--rerun-incomplete")
+    log = (finished_run / "results" / "logs" / "train" / "grpo_clip-seed0.log").read_text()
+    assert "resuming from" in log and "at step 1" in log
+    assert not state.exists()  # cleared once the run finished
+    steps = [json.loads(x)["step"] for x in open(finished_run / "results" / "runs" / "grpo_clip-seed0" / "metrics.jsonl")
+             if json.loads(x)["kind"] == "train"]
+    assert steps == [1, 2]
