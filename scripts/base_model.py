@@ -7,4 +7,5 @@ def main(smk, cfg):
     materialize_base_model(cfg, train_path=smk.input.train, out_dir=smk.output[0])
 
 
-run_script(snakemake, main)  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main)  # noqa: F821

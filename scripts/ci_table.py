@@ -18,4 +18,5 @@ def main(smk, cfg):
     accuracy_bars(acc, smk.output.bars)
 
 
-run_script(snakemake, main)  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main)  # noqa: F821

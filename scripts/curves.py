@@ -10,4 +10,5 @@ def main(smk, cfg):
     plot_training_curves(metrics, Path(smk.output.reward_val).parent)
 
 
-run_script(snakemake, main)  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main)  # noqa: F821

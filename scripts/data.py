@@ -16,4 +16,5 @@ def main(smk, cfg):
                  limits=cfg["limits"])
 
 
-run_script(snakemake, main)  # noqa: F821 - injected by Snakemake
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main)  # noqa: F821 - injected by Snakemake

@@ -18,6 +18,7 @@ def main(smk, cfg):
     write_eval(rows, summary, smk.output.rows, smk.output.summary)
 
 
-layout = snakemake.config["runtime"]["layout"]  # noqa: F821
-n = 0 if layout == "cpu" else snakemake.config["eval"]["gsm8k"].get("num_shards", 1)  # noqa: F821
-run_script(snakemake, main, gpus=n)  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    layout = snakemake.config["runtime"]["layout"]  # noqa: F821
+    n = 0 if layout == "cpu" else snakemake.config["eval"]["gsm8k"].get("num_shards", 1)  # noqa: F821
+    run_script(snakemake, main, gpus=n)  # noqa: F821

@@ -18,4 +18,5 @@ def main(smk, cfg):
                       devices=devices, limit=lm.get("limit"), model_kwargs=model_kwargs)
 
 
-run_script(snakemake, main, gpus=gpus_for(snakemake.config["runtime"]["layout"], "infer"))  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main, gpus=gpus_for(snakemake.config["runtime"]["layout"], "infer"))  # noqa: F821

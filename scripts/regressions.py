@@ -19,4 +19,5 @@ def main(smk, cfg):
     build_regressions_table(group_runs(per_doc), smk.output.table, meta, n_resamples=st["n_resamples"], seed=st["seed"])
 
 
-run_script(snakemake, main)  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main)  # noqa: F821

@@ -12,4 +12,5 @@ def main(smk, cfg):
     write_prompt_set(read_jsonl(smk.input.val), cfg["prompt_style"], smk.output.val_prompts)
 
 
-run_script(snakemake, main)  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main)  # noqa: F821

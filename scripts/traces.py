@@ -16,4 +16,5 @@ def main(smk, cfg):
                     work_dir=Path(smk.output.traces).parent / ".work")
 
 
-run_script(snakemake, main)  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main)  # noqa: F821

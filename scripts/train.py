@@ -22,4 +22,5 @@ def main(smk, cfg):
                  val_prompts_path=smk.input.val_prompts, **common)
 
 
-run_script(snakemake, main, gpus=gpus_for(snakemake.config["runtime"]["layout"], "train"))  # noqa: F821
+if __name__ == "__main__":  # engines spawn processes that re-import this file
+    run_script(snakemake, main, gpus=gpus_for(snakemake.config["runtime"]["layout"], "train"))  # noqa: F821
