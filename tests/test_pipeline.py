@@ -174,6 +174,7 @@ def test_killed_training_resumes_from_saved_state(finished_run):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert json.loads(state.read_text())["step"] == 1
+    snakemake(finished_run, "--unlock")  # a killed Snakemake leaves its lock behind
     snakemake(finished_run, target, "--rerun-incomplete")
     log = (finished_run / "results" / "logs" / "train" / "grpo_clip-seed0.log").read_text()
     assert "resuming from" in log and "at step 1" in log
