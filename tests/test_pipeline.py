@@ -181,4 +181,6 @@ def test_killed_training_resumes_from_saved_state(finished_run):
     assert not state.exists()  # cleared once the run finished
     steps = [json.loads(x)["step"] for x in open(finished_run / "results" / "runs" / "grpo_clip-seed0" / "metrics.jsonl")
              if json.loads(x)["kind"] == "train"]
-    assert steps == [1, 2]
+    # Step 1 is not trained again. (Snakemake deletes an incomplete job's declared outputs, so the
+    # rerun's metrics.jsonl starts at the resumed step; the W&B run beside it keeps the history.)
+    assert steps == [2]
