@@ -5,8 +5,9 @@ follows one quantity (a person's objects, a person's money, a shop's stock) thro
 additions, subtractions, multiplications and exact divisions, phrased with varied names, objects,
 verbs and question forms. The gold solution is written like GSM8K's, with ``<<a+b=c>>``
 calculator annotations and a final ``#### N`` line, so the rest of the pipeline treats it exactly
-like GSM8K. Every intermediate result is a non-negative integer <= ``MAX_VALUE`` and every number
-in a question is <= 100. Generation is deterministic in the seed; train and test come from separate random streams
+like GSM8K. Every intermediate result is a non-negative integer <= ``max_value`` (default
+``MAX_VALUE``) and every number in a question is <= min(100, max_value); a smaller ``max_value``
+makes a task a tiny model learns in minutes (the operand ranges shrink with it). Generation is deterministic in the seed; train and test come from separate random streams
 (so changing one split's size leaves the other unchanged) and share no question.
 """
 
@@ -17,7 +18,8 @@ from dataclasses import dataclass
 
 from mathpt.io import MathptError
 
-MAX_VALUE = 200  # cap on any intermediate result, so the numbers stay small
+MAX_VALUE = 200  # default cap on any intermediate result, so the numbers stay small
+MIN_MAX_VALUE = 20  # below this the operand ranges become degenerate
 
 NAMES = [
     ("Ava", "she"), ("Liam", "he"), ("Maya", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"),
@@ -175,22 +177,22 @@ def _scene(rng: random.Random) -> Scene:
     return Scene(domain, name, name, pron, pron.capitalize(), poss, obj, **common)
 
 
-def _operand(rng: random.Random, op: str, prev: int) -> int | None:
-    """A small operand for ``op`` applied to ``prev`` keeping the result in [0, MAX_VALUE], or None."""
+def _operand(rng: random.Random, op: str, prev: int, max_value: int) -> int | None:
+    """A small operand for ``op`` applied to ``prev`` keeping the result in [0, max_value], or None."""
     if op == "add":
-        hi = min(40, MAX_VALUE - prev)
+        hi = min(max_value // 5, max_value - prev)
         return rng.randint(2, hi) if hi >= 2 else None
     if op == "sub":
-        hi = min(prev - 1, 60)
+        hi = min(prev - 1, max_value * 3 // 10)
         return rng.randint(2, hi) if hi >= 2 else None
     if op == "mul":
-        ks = [k for k in range(2, 6) if prev * k <= MAX_VALUE and prev <= 100]
+        ks = [k for k in range(2, 6) if prev * k <= max_value and prev <= max_value // 2]
         return rng.choice(ks) if ks else None
     ks = [k for k in range(2, 6) if prev % k == 0 and prev // k >= 2]
     return rng.choice(ks) if ks else None
 
 
-def generate_problem(rng: random.Random, max_steps: int = 3) -> dict:
+def generate_problem(rng: random.Random, max_steps: int = 3, max_value: int = MAX_VALUE) -> dict:
     """One raw GSM8K-format row ``{"question", "answer"}`` with 1..max_steps arithmetic steps."""
     sc = _scene(rng)
     fields = dict(vars(sc))
@@ -198,20 +200,23 @@ def generate_problem(rng: random.Random, max_steps: int = 3) -> dict:
     q_parts, s_parts, used = [], [], []
     if rng.random() < 0.3:  # a product opening counts as the first step
         a, b = rng.randint(2, 9), rng.randint(2, 12)
+        while a * b > max_value:  # never taken at the default max_value
+            a, b = rng.randint(2, 9), rng.randint(2, 12)
         value = a * b
         q, s = rng.choice(PRODUCT_START[sc.domain])
         q_parts.append(q.format(a=a, b=b, **fields))
         s_parts.append(s.format(a=a, b=b, r=value, E=f"<<{a}*{b}={value}>>", **fields))
         n_steps -= 1
     else:
-        value = rng.randint(10, 100) if sc.domain != "items" else rng.randint(5, 60)
+        hi = min(100, max_value // 2) if sc.domain != "items" else min(60, max_value * 3 // 10)
+        value = rng.randint(10 if sc.domain != "items" else 5, hi)
         q, s = rng.choice(START[sc.domain])
         q_parts.append(q.format(x=value, **fields))
         s_parts.append(s.format(x=value, **fields))
     for _ in range(n_steps):
-        ops = [op for op in OPS if _operand(rng, op, value) is not None]
+        ops = [op for op in OPS if _operand(rng, op, value, max_value) is not None]
         op = rng.choices(ops, weights=[OP_WEIGHTS[o] for o in ops])[0]
-        n = _operand(rng, op, value)
+        n = _operand(rng, op, value, max_value)
         sym, fn = OPS[op]
         r = fn(value, n)
         options = [t for t in STEPS[(sc.domain, op)] if t not in used] or STEPS[(sc.domain, op)]
@@ -225,21 +230,22 @@ def generate_problem(rng: random.Random, max_steps: int = 3) -> dict:
     return {"question": " ".join(q_parts), "answer": "\n".join(s_parts) + f"\n#### {value}"}
 
 
-def _generate(n: int, rng: random.Random, max_steps: int, taken: set[str], split: str) -> list[dict]:
+def _generate(n: int, rng: random.Random, max_steps: int, max_value: int, taken: set[str], split: str) -> list[dict]:
     rows, attempts = [], 0
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
             raise MathptError(f"arith: could not generate {n} distinct {split} problems "
-                              f"(got {len(rows)}); lower n_{split} or raise max_steps")
-        row = generate_problem(rng, max_steps)
+                              f"(got {len(rows)}); lower n_{split} or raise max_steps or max_value")
+        row = generate_problem(rng, max_steps, max_value)
         if row["question"] not in taken:
             taken.add(row["question"])
             rows.append(row)
     return rows
 
 
-def generate_arith(n_train: int, n_test: int, seed: int, max_steps: int = 3) -> dict[str, list[dict]]:
+def generate_arith(n_train: int, n_test: int, seed: int, max_steps: int = 3,
+                   max_value: int = MAX_VALUE) -> dict[str, list[dict]]:
     """``{"train": rows, "test": rows}`` of raw GSM8K-format rows; deterministic in ``seed``.
 
     Test is drawn first from its own stream; train from another stream, skipping any question
@@ -247,7 +253,9 @@ def generate_arith(n_train: int, n_test: int, seed: int, max_steps: int = 3) -> 
     """
     if not isinstance(max_steps, int) or max_steps < 1:
         raise MathptError(f"arith: max_steps must be a positive integer, got {max_steps!r}")
+    if not isinstance(max_value, int) or not MIN_MAX_VALUE <= max_value <= MAX_VALUE:
+        raise MathptError(f"arith: max_value must be an integer in [{MIN_MAX_VALUE}, {MAX_VALUE}], got {max_value!r}")
     taken: set[str] = set()
-    test = _generate(n_test, random.Random(f"arith-test-{seed}"), max_steps, taken, "test")
-    train = _generate(n_train, random.Random(f"arith-train-{seed}"), max_steps, taken, "train")
+    test = _generate(n_test, random.Random(f"arith-test-{seed}"), max_steps, max_value, taken, "test")
+    train = _generate(n_train, random.Random(f"arith-train-{seed}"), max_steps, max_value, taken, "train")
     return {"train": train, "test": test}

@@ -28,7 +28,7 @@ HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
 SPLITS = ("train", "val", "test")
 SOURCE_KEYS = {"gsm8k": {"name", "dir", "hub_id", "hub_config"},
-               "arith": {"name", "n_train", "n_test", "max_steps", "seed"}}
+               "arith": {"name", "n_train", "n_test", "max_steps", "max_value", "seed"}}
 _ANNOTATION = re.compile(r"<<[^<>]*>>")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
@@ -159,17 +159,20 @@ def load_source(source: dict, seed: int) -> tuple[dict[str, list[RawRow]], dict[
         return raw, {"name": "gsm8k", "origin": "hub", "hub_id": source.get("hub_id", HUB_ID),
                      "hub_config": source.get("hub_config", HUB_CONFIG), "inputs": inputs}
     if name == "arith":
-        from mathpt.arith import generate_arith
+        from mathpt.arith import MAX_VALUE, generate_arith
 
         for key in ("n_train", "n_test"):
             if not isinstance(source.get(key), int) or source[key] < 1:
                 raise MathptError(f"data source 'arith': {key!r} must be a positive integer, got {source.get(key)!r}")
         arith_seed = source.get("seed", seed)
         max_steps = source.get("max_steps", 3)
-        gen = generate_arith(source["n_train"], source["n_test"], seed=arith_seed, max_steps=max_steps)
+        max_value = source.get("max_value", MAX_VALUE)
+        gen = generate_arith(source["n_train"], source["n_test"], seed=arith_seed, max_steps=max_steps,
+                             max_value=max_value)
         raw = {s: [(f"arith[{s}][{i}]", r) for i, r in enumerate(rows)] for s, rows in gen.items()}
         inputs = {s: {"sha256_rows": _rows_sha256(raw[s]), "rows": len(raw[s])} for s in raw}
-        return raw, {"name": "arith", "seed": arith_seed, "max_steps": max_steps, "inputs": inputs}
+        return raw, {"name": "arith", "seed": arith_seed, "max_steps": max_steps, "max_value": max_value,
+                     "inputs": inputs}
     raise AssertionError(name)
 
 

@@ -79,3 +79,18 @@ def test_max_steps(problems):
     assert all(_check(r, 1) == 1 for r in rows)
     with pytest.raises(MathptError, match="max_steps"):
         generate_arith(1, 1, seed=0, max_steps=0)
+
+
+@pytest.mark.parametrize("max_value", [20, 30, 57])
+def test_max_value_caps_every_number(max_value):
+    rows = generate_arith(n_train=400, n_test=100, seed=3, max_steps=3, max_value=max_value)
+    for row in rows["train"] + rows["test"]:
+        _check(row, 3)  # still exact, chained and parseable
+        numbers = [int(x) for x in re.findall(r"\d+", row["question"] + row["answer"])]
+        assert max(numbers) <= max_value, row
+
+
+@pytest.mark.parametrize("bad", [19, 201, 30.0, None])
+def test_max_value_rejects_bad_values(bad):
+    with pytest.raises(MathptError, match="max_value"):
+        generate_arith(1, 1, seed=0, max_value=bad)

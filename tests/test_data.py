@@ -170,3 +170,7 @@ def test_arith_source(tmp_path):
     assert m2["outputs"] == m["outputs"]
     rows = read_jsonl(tmp_path / "a" / "train.jsonl")
     assert all("<<" not in r["solution"] and r["answer"].isdigit() for r in rows)
+    assert m["source"]["max_value"] == 200  # the default cap, recorded
+    small = prepare_data({**src, "max_value": 30}, tmp_path / "c", val_size=20, seed=3)
+    assert small["source"]["max_value"] == 30
+    assert max(int(r["answer"]) for r in read_jsonl(tmp_path / "c" / "test.jsonl")) <= 30

@@ -42,3 +42,38 @@ def test_gold_bad_input(rows):
         gold_traces(rows[:1], "chatml")
     with pytest.raises(DataError, match="train-00000.*solution"):
         gold_traces([{"id": "train-00000", "question": "q", "answer": "1"}], "r1_zero")
+
+
+@pytest.mark.parametrize("style", ["r1_zero", "qwen_boxed"])
+def test_unformatted_fraction(rows, style):
+    """That share of traces (by id, stable across runs) keeps the reasoning and the number but drops
+    the answer format, so the reward scores it 0; the rest are untouched."""
+    reward_fn = get_reward_fn(style)
+    plain = gold_traces(rows, style)
+    mixed = gold_traces(rows, style, unformatted_fraction=0.5)
+    assert gold_traces(rows, style, unformatted_fraction=0.5) == mixed
+    off = [t for t in mixed if not t["correct"]]
+    assert 0.35 * len(rows) < len(off) < 0.65 * len(rows)
+    for p, m, row in zip(plain, mixed, rows, strict=True):
+        assert set(m) == TRACE_KEYS and m["prompt"] == p["prompt"]
+        if m["correct"]:
+            assert m == p
+        else:
+            assert m["response"].startswith(row["solution"]) and m["response"].endswith(f"is {row['answer']}.")
+            assert reward_fn(m["response"], row["answer"])["reward"] == 0.0
+    assert all(not t["correct"] for t in gold_traces(rows, style, unformatted_fraction=1.0))
+    assert gold_traces(rows, style, unformatted_fraction=0.0) == plain
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, "half", True])
+def test_unformatted_fraction_rejects_bad_values(rows, bad):
+    with pytest.raises(MathptError, match="unformatted_fraction"):
+        gold_traces(rows, "qwen_boxed", unformatted_fraction=bad)
+
+
+def test_unformatted_fraction_is_gold_only(tmp_path, rows):
+    from mathpt.teachers.dispatch import generate_traces
+
+    with pytest.raises(MathptError, match="only the gold teacher"):
+        generate_traces({"kind": "api", "model": "m", "base_url": "http://127.0.0.1:9/v1", "unformatted_fraction": 0.5},
+                        rows, "qwen_boxed", tmp_path / "t.jsonl", tmp_path)

@@ -73,7 +73,7 @@ def _check_keys(teacher_cfg: dict) -> None:
     from mathpt.teachers.local import LocalTeacherSettings
 
     refuse_credentials(teacher_cfg)
-    known = {"kind", "keep", "reasoning_source"} | {f.name for f in fields(APITeacherSettings)} | {
+    known = {"kind", "keep", "reasoning_source", "unformatted_fraction"} | {f.name for f in fields(APITeacherSettings)} | {
         f.name for f in fields(LocalTeacherSettings)}
     unknown = sorted(set(teacher_cfg) - known)
     if unknown:
@@ -94,6 +94,8 @@ def generate_traces(teacher_cfg: dict, rows: list[dict], style: str, out_path: s
         if missing:
             raise MathptError(f"traces input row {n} (id={r.get('id', '?')}): missing key(s) {missing}")
     _check_keys(teacher_cfg)
+    if kind != "gold" and "unformatted_fraction" in teacher_cfg:
+        raise MathptError("config key 'teacher.unformatted_fraction': only the gold teacher takes it")
     work_dir = Path(work_dir)
     t0 = time.time()
     accounting: dict = {}
@@ -103,7 +105,7 @@ def generate_traces(teacher_cfg: dict, rows: list[dict], style: str, out_path: s
     if kind == "gold":
         from mathpt.teachers.gold import gold_traces
 
-        traces = gold_traces(rows, style)
+        traces = gold_traces(rows, style, teacher_cfg.get("unformatted_fraction", 0.0))
         teacher = "gold"
     elif kind == "api":
         from mathpt.teachers.api import APITeacherSettings, run_api_teacher

@@ -2,23 +2,46 @@
 
 It needs no model, so SFT on gold traces is the baseline every sampled teacher is compared with
 (and the only teacher the offline default can always run).
+
+``unformatted_fraction`` imitates a teacher that follows the requested answer format only part of
+the time (API teachers drift like this): that share of traces, picked by a hash of the row id, ends
+with ``The final answer is N.`` instead of the style's answer format. The reasoning and the number
+are right, but the reward scores such a response 0, so SFT learns a habit that only the reward can
+correct: the synthetic demo (config/arith.yaml) uses it to show policy-gradient training learning
+from the reward.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 
-from mathpt.io import DataError
+from mathpt.io import DataError, MathptError
 from mathpt.prompts import check_style, format_prompt, format_response
 
 ROW_KEYS = ("id", "question", "solution", "answer")
 
 
-def gold_trace(row: dict, style: str) -> dict:
-    """One data row -> one trace row (shared contract); teacher "gold", always correct."""
+def _unit_hash(row_id: str) -> float:
+    """A uniform number in [0, 1) fixed by the row id (the same rows are picked on every run)."""
+    return int.from_bytes(hashlib.sha256(str(row_id).encode()).digest()[:8], "big") / 2**64
+
+
+def gold_trace(row: dict, style: str, unformatted: bool = False) -> dict:
+    """One data row -> one trace row (shared contract); teacher "gold", always right in substance.
+
+    ``unformatted``: state the answer in plain words instead of the style's format (scored 0).
+    """
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         raise DataError(f"data row {row.get('id', '?')}: missing key(s) {missing}")
+    if unformatted:
+        return {
+            "id": row["id"], "question": row["question"], "answer": row["answer"],
+            "prompt": format_prompt(row["question"], style),
+            "response": f"{row['solution']}\nThe final answer is {row['answer']}.",
+            "teacher": "gold", "teacher_answer": None, "correct": False, "sample_index": 0,
+        }
     return {
         "id": row["id"],
         "question": row["question"],
@@ -32,7 +55,11 @@ def gold_trace(row: dict, style: str) -> dict:
     }
 
 
-def gold_traces(rows: Iterable[dict], style: str) -> list[dict]:
-    """Trace rows for every data row, in order."""
+def gold_traces(rows: Iterable[dict], style: str, unformatted_fraction: float = 0.0) -> list[dict]:
+    """Trace rows for every data row, in order; ``unformatted_fraction`` of them without the format."""
     check_style(style)
-    return [gold_trace(row, style) for row in rows]
+    if isinstance(unformatted_fraction, bool) or not isinstance(unformatted_fraction, int | float) \
+            or not 0.0 <= unformatted_fraction <= 1.0:
+        raise MathptError(f"config key 'teacher.unformatted_fraction': must be a number in [0, 1], "
+                          f"got {unformatted_fraction!r}")
+    return [gold_trace(row, style, _unit_hash(row.get("id", "")) < unformatted_fraction) for row in rows]

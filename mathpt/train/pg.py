@@ -19,28 +19,26 @@ from tqdm import tqdm
 
 from mathpt.engines.base import Generation, SamplingConfig
 from mathpt.functional import compute_group_normalized_rewards
-from mathpt.gpus import devices_for
 from mathpt.io import MathptError
-from mathpt.models import load_model, load_tokenizer
 from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient
 from mathpt.tracking import RunLogger
 from mathpt.train.common import (
-    DTYPES,
     EvalTracker,
     clear_state,
+    client_kwargs,
+    load_policy,
     load_prompts,
     load_state,
     save_final_checkpoint,
     save_state,
     score,
-    set_seed,
     val_params,
+    wandb_kwargs,
 )
-from mathpt.train.sft import _client_kwargs, _wandb_kwargs
-from mathpt.train.steps import compile_layers, pg_update
+from mathpt.train.steps import pg_update
 
 log = logging.getLogger("mathpt.train.pg")
 
@@ -71,13 +69,7 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
               log_config: dict | None = None) -> dict:
     """Train one PG variant (``cfg['pg']['loss_type']``) from ``init_dir``; write an HF checkpoint."""
     pg, seed, style = cfg["pg"], cfg["seed"], cfg["prompt_style"]
-    set_seed(seed)
-    trainer_device, worker_device = devices_for(cfg["runtime"]["layout"])
-    model = load_model(init_dir, dtype=DTYPES[cfg["dtype"]], device=trainer_device)
-    tokenizer = load_tokenizer(init_dir)
-    model.train()
-    if model.device.type == "cuda":
-        compile_layers(model)  # per-layer torch.compile: ~30% faster, less activation memory (BENCHMARKS.md)
+    model, tokenizer, worker_device = load_policy(cfg, init_dir)
     optimizer = make_optimizer(model, pg)  # fp32 master weights when the model is bf16
     resumed = load_state(state_dir, model, optimizer, None)
     start = resumed["step"] if resumed else 0
@@ -99,9 +91,9 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
 
     name = os.path.basename(os.path.normpath(out_dir))
     logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, fresh=start == 0,
-                       resume_step=start or None, **_wandb_kwargs(wandb_cfg))
+                       resume_step=start or None, **wandb_kwargs(wandb_cfg))
     val = load_prompts(val_prompts_path)
-    with logger, InferenceClient(**_client_kwargs(cfg, init_dir, worker_device)) as client:
+    with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
         evals = EvalTracker(client, val, reward_fn, val_params(pg.get("val_max_new_tokens", 256), stop), logger)
         rollouts: dict[int, tuple[int, list[dict]]] = {}
 

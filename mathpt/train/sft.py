@@ -16,8 +16,6 @@ import time
 import torch
 from tqdm import tqdm
 
-from mathpt.gpus import devices_for
-from mathpt.models import load_model, load_tokenizer
 from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
@@ -25,18 +23,19 @@ from mathpt.runtime import InferenceClient
 from mathpt.shards import iter_sft_shards
 from mathpt.tracking import RunLogger
 from mathpt.train.common import (
-    DTYPES,
     EvalTracker,
     clear_state,
+    client_kwargs,
+    load_policy,
     load_prompts,
     load_state,
     lr_schedule,
     save_final_checkpoint,
     save_state,
-    set_seed,
     val_params,
+    wandb_kwargs,
 )
-from mathpt.train.steps import compile_layers, sft_update
+from mathpt.train.steps import sft_update
 
 log = logging.getLogger("mathpt.train.sft")
 
@@ -46,13 +45,7 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
               log_config: dict | None = None) -> dict:
     """Train ``cfg['sft']`` from ``init_dir`` on the shards; write an HF checkpoint to ``out_dir``."""
     sft, seed = cfg["sft"], cfg["seed"]
-    set_seed(seed)
-    trainer_device, worker_device = devices_for(cfg["runtime"]["layout"])
-    model = load_model(init_dir, dtype=DTYPES[cfg["dtype"]], device=trainer_device)
-    tokenizer = load_tokenizer(init_dir)
-    model.train()
-    if model.device.type == "cuda":
-        compile_layers(model)  # per-layer torch.compile: ~30% faster, less activation memory (BENCHMARKS.md)
+    model, tokenizer, worker_device = load_policy(cfg, init_dir)
 
     microbatches = list(iter_sft_shards(shards_dir))
     per_step = sft.get("microbatches_per_step", 1)
@@ -75,8 +68,8 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
 
     name = os.path.basename(os.path.normpath(out_dir))
     logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, fresh=start == 0,
-                       resume_step=start or None, **_wandb_kwargs(wandb_cfg))
-    with logger, InferenceClient(**_client_kwargs(cfg, init_dir, worker_device)) as client:
+                       resume_step=start or None, **wandb_kwargs(wandb_cfg))
+    with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
 
         evals = EvalTracker(client, val, reward_fn, params, logger)
         if start == 0:
@@ -104,20 +97,3 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
     save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, shards_dir])
     clear_state(state_dir)
     return {"steps": total_steps}
-
-
-def _wandb_kwargs(wandb_cfg: dict | None) -> dict:
-    w = wandb_cfg or {"mode": "disabled"}
-    return {"wandb_mode": w.get("mode", "offline"), "project": w.get("project", "mathpt")}
-
-
-def _client_kwargs(cfg: dict, model_path: str, worker_device: str) -> dict:
-    rt = cfg["runtime"]
-    kwargs = {}  # vLLM-only settings; the hf engine takes none of them
-    if rt["engine"] == "vllm":
-        kwargs = {"max_model_len": rt.get("max_model_len", 2048),
-                  "gpu_memory_utilization": rt.get("gpu_memory_utilization", 0.5)}
-    return {"engine": rt["engine"], "model_path": model_path, "device": worker_device,
-            "handoff": rt.get("handoff", "auto"), "engine_kwargs": kwargs,
-            "heartbeat_timeout_s": rt.get("heartbeat_timeout_s", 120)}
-
