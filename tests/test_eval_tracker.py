@@ -30,7 +30,7 @@ def test_eval_logged_at_the_weights_it_ran_on_and_only_once():
     tracker.pending = {1, 2, 3, 4, 5}
     tracker.handle([
         _result(1, step=0, version=0, texts=[wrong, wrong]),
-        _result(2, step=20, version=40, texts=[right, wrong]),  # starved behind rollouts: ran on v40
+        _result(2, step=20, version=40, texts=[right, wrong]),  # newer weights arrived first: ran on v40
         _result(3, step=40, version=40, texts=[right, "so \\boxed{5}"]),  # the same weights again: not logged
         _result(4, step=60, version=60, texts=[], error="boom"),
     ])

@@ -69,14 +69,16 @@ def test_resolve_mode():
         resolve_mode("bogus", cpu, "cpu")
 
 
-def test_rollouts_are_picked_before_evals():
+def test_job_order_evals_of_current_weights_then_rollouts():
     from collections import deque
 
     from mathpt.runtime.worker import Job
 
-    jobs = deque(Job(i, k, ["p"], GREEDY, 0, None, 0) for i, k in enumerate(["eval", "eval", "rollout", "eval"]))
-    assert [_next_job(jobs).job_id for _ in range(4)] == [2, 0, 1, 3]
-    assert _next_job(jobs) is None
+    kinds_versions = [("eval", 3), ("eval", 5), ("rollout", 5), ("eval", 4), ("rollout", 2), ("eval", 5)]
+    jobs = deque(Job(i, k, ["p"], GREEDY, 0, None, v) for i, (k, v) in enumerate(kinds_versions))
+    # on weights v5: the evals asked for v5 first, then rollouts, then older evals in order
+    assert [_next_job(jobs, 5).job_id for _ in range(6)] == [1, 5, 2, 4, 0, 3]
+    assert _next_job(jobs, 5) is None
 
 
 class _FakeClient:

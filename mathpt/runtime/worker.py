@@ -117,11 +117,15 @@ def _handoff_loop(state: dict, device: str, ctrl_q, ack_q, job_q, mailbox) -> No
             ack_q.put((key, traceback.format_exc()))
 
 
-def _next_job(pending: deque) -> Job | None:
-    for i, j in enumerate(pending):  # rollouts first: the trainer is waiting for them
-        if j.kind == "rollout":
-            del pending[i]
-            return j
+def _next_job(pending: deque, version: int) -> Job | None:
+    """Evals asked for exactly the current weights first (so a validation curve point is taken on
+    the weights of its step, not on whatever is newest once rollouts stop), then rollouts (the
+    trainer is waiting for them), then the rest in order."""
+    for pick in (lambda j: j.kind == "eval" and j.min_version == version, lambda j: j.kind == "rollout"):
+        for i, j in enumerate(pending):
+            if pick(j):
+                del pending[i]
+                return j
     return pending.popleft() if pending else None
 
 
@@ -188,7 +192,7 @@ def _serve(engine, state: dict, job_q, result_q) -> None:
         receiver = state["receiver"]
         if receiver is not None:
             receiver.apply_newest(engine)  # an exception here is fatal: the engine may be half-updated
-        job = _next_job(pending)
+        job = _next_job(pending, engine.weight_version)
         if job is None:
             continue
         result_q.put(("result", _run(engine, job)))

@@ -148,9 +148,9 @@ class EvalTracker:
     """Validation jobs in flight: submitted with the weights of a step, drained without blocking,
     logged at the step their weights came from; a failed job is reported, never dropped.
 
-    The worker serves rollouts first, so during PG an eval asked for at step k may run on newer
-    weights; it is then logged at the newer step (weight versions are training steps), and a second
-    eval that ran on weights already evaluated is not logged twice.
+    The worker runs an eval on the weights it was asked for when they are still current; when newer
+    weights arrived first, the eval runs on those and is logged at their step (weight versions are
+    training steps), and a second eval of weights already evaluated is not logged twice.
     """
 
     def __init__(self, client, val_rows: list[dict], reward_fn, params: SamplingConfig, logger):
