@@ -6,9 +6,10 @@ additions, subtractions, multiplications and exact divisions, phrased with varie
 verbs and question forms. The gold solution is written like GSM8K's, with ``<<a+b=c>>``
 calculator annotations and a final ``#### N`` line, so the rest of the pipeline treats it exactly
 like GSM8K. Every intermediate result is a non-negative integer <= ``max_value`` (default
-``MAX_VALUE``) and every number in a question is <= min(100, max_value); a smaller ``max_value``
-makes a task a tiny model learns in minutes (the operand ranges shrink with it). Generation is deterministic in the seed; train and test come from separate random streams
-(so changing one split's size leaves the other unchanged) and share no question.
+``MAX_VALUE``) and every number in a question is <= min(100, max_value); the operand ranges shrink
+with ``max_value``, and at 30 a 0.9M-parameter model learns the arithmetic in minutes. Generation
+is deterministic in the seed; train and test come from separate random streams (so changing one
+split's size leaves the other unchanged) and share no question.
 """
 
 from __future__ import annotations

@@ -326,8 +326,11 @@ def test_worker_startup_failure_is_reported(tmp_path):
 
 _TRAINER = textwrap.dedent(
     """
-    import sys, time
+    import signal, sys, time
     from mathpt.runtime import InferenceClient
+    # a shell that starts the tests in the background (`cmd &`) makes SIGINT ignored in every
+    # child: give this trainer Python's own Ctrl-C, as an interactive run has
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # no __main__ guard on purpose: the client must not re-run this script in the worker
     c = InferenceClient("hf", sys.argv[1], device="cpu").start()
     c.wait_ready()

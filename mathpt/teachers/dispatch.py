@@ -73,8 +73,8 @@ def _check_keys(teacher_cfg: dict) -> None:
     from mathpt.teachers.local import LocalTeacherSettings
 
     refuse_credentials(teacher_cfg)
-    known = {"kind", "keep", "reasoning_source", "unformatted_fraction"} | {f.name for f in fields(APITeacherSettings)} | {
-        f.name for f in fields(LocalTeacherSettings)}
+    known = {"kind", "keep", "reasoning_source", "unformatted_fraction"}
+    known |= {f.name for f in fields(APITeacherSettings)} | {f.name for f in fields(LocalTeacherSettings)}
     unknown = sorted(set(teacher_cfg) - known)
     if unknown:
         raise MathptError(f"config key 'teacher.{unknown[0]}': unknown teacher setting (known: {sorted(known)})")
