@@ -1,4 +1,4 @@
-"""Proof that learning happens (issue 8), reduced to about 8 minutes on a 2-core CPU.
+"""Proof that learning happens (issue 8), reduced to a few minutes on a 2-core CPU.
 
 Unit tests cannot show that an RL loop learns, so this runs the real code paths end to end on the
 synthetic arith task of ``config/arith.yaml``: data -> tiny base model -> gold traces (half of them
