@@ -10,24 +10,14 @@ A panel with nothing to draw says "no data" instead of failing.
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from mathpt.algorithms import ALGOS, parse_model_name
+from mathpt.algorithms import label as algo_label
 from mathpt.tracking import read_metrics
 
-ALGORITHMS = ("sft", "no_baseline", "reinforce_with_baseline", "grpo_clip")
-ALGO_LABELS = {"sft": "SFT", "no_baseline": "REINFORCE (no baseline)",
-               "reinforce_with_baseline": "REINFORCE + baseline", "grpo_clip": "GRPO-clip"}
-_RUN_NAME = re.compile(r"^(?P<algo>.+)-seed(?P<seed>\d+)$")
 _LINESTYLES = ("-", "--", ":", "-.")
-FIGURES = ("reward_val", "loss_entropy", "response_length")
-
-
-def parse_run_name(name: str) -> tuple[str, int | None]:
-    """``"grpo_clip-seed2"`` -> ``("grpo_clip", 2)``; a name without ``-seedN`` is its own algorithm."""
-    m = _RUN_NAME.match(name)
-    return (m["algo"], int(m["seed"])) if m else (name, None)
 
 
 def series(rows: list[dict], kind: str, key: str) -> tuple[list[int], list[float]]:
@@ -52,8 +42,8 @@ def _style(runs: list[str]) -> dict[str, dict]:
     color = {a: colors[i % len(colors)] for i, a in enumerate(algos)}
     seen: dict[str, int] = {}
     out = {}
-    for run in sorted(runs, key=lambda r: (algos.index(parse_run_name(r)[0]), parse_run_name(r)[1] or 0, r)):
-        algo = parse_run_name(run)[0]
+    for run in sorted(runs, key=lambda r: (algos.index(parse_model_name(r)[0]), parse_model_name(r)[1] or 0, r)):
+        algo = parse_model_name(run)[0]
         i = seen.get(algo, 0)
         seen[algo] = i + 1
         out[run] = {"color": color[algo], "linestyle": _LINESTYLES[i % len(_LINESTYLES)], "label": run}
@@ -90,8 +80,8 @@ def _plot_panel(ax, data: Mapping[str, list[dict]], styles: dict, kind: str, key
 
 
 def _sorted_algos(runs) -> list[str]:
-    return sorted({parse_run_name(r)[0] for r in runs},
-                  key=lambda a: (ALGORITHMS.index(a) if a in ALGORITHMS else len(ALGORITHMS), a))
+    return sorted({parse_model_name(r)[0] for r in runs},
+                  key=lambda a: (ALGOS.index(a) if a in ALGOS else len(ALGOS), a))
 
 
 def make_figures(data: Mapping[str, list[dict]]) -> dict:
@@ -114,8 +104,8 @@ def make_figures(data: Mapping[str, list[dict]]) -> dict:
         _plot_panel(axes[0][0], {}, styles, "train", "loss", "Loss", "loss")
         _plot_panel(axes[0][1], {}, styles, "train", "entropy", "Entropy", "nats/token")
     for i, algo in enumerate(algos):
-        sub = {r: rs for r, rs in data.items() if parse_run_name(r)[0] == algo}
-        label = ALGO_LABELS.get(algo, algo)
+        sub = {r: rs for r, rs in data.items() if parse_model_name(r)[0] == algo}
+        label = algo_label(algo)
         _plot_panel(axes[i][0], sub, styles, "train", "loss", f"{label}: loss", "loss")
         _plot_panel(axes[i][1], sub, styles, "train", "entropy", f"{label}: entropy", "nats/token")
     figs["loss_entropy"] = fig

@@ -3,6 +3,7 @@ import sys
 
 sys.path.insert(0, workflow.basedir)  # import mathpt from the checkout even if not installed
 
+from mathpt.algorithms import ALGO_REGEX, MODEL_REGEX, PG_ALGOS as ALL_PG_ALGOS
 from mathpt.config import canonical, rule_slice, validate_config
 from mathpt.gpus import gpus_for
 
@@ -11,16 +12,16 @@ validate_config(config)
 LAYOUT = config["runtime"]["layout"]
 ALGOS = config["train"]["algorithms"]
 SEEDS = config["train"]["seeds"]
-PG_ALGOS = [a for a in ALGOS if a != "sft"]
+PG_ALGOS = [a for a in ALGOS if a in ALL_PG_ALGOS]
 RUNS = [f"{a}-seed{s}" for a in ALGOS for s in SEEDS]
 MODELS = ["base"] + RUNS
 SHARDS = config["eval"]["gsm8k"].get("num_shards", 1)
 
 
 wildcard_constraints:
-    algo="sft|no_baseline|reinforce_with_baseline|grpo_clip",
+    algo=ALGO_REGEX,
     seed=r"\d+",
-    model=r"base|(sft|no_baseline|reinforce_with_baseline|grpo_clip)-seed\d+",
+    model=MODEL_REGEX,
 
 
 def slice_of(rule, **wildcards):

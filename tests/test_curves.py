@@ -18,11 +18,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mathpt.curves import make_figures, parse_run_name, plot_training_curves, series  # noqa: E402
+from mathpt.algorithms import ALGOS, parse_model_name as parse_run_name  # noqa: E402
+from mathpt.curves import make_figures, plot_training_curves, series  # noqa: E402
 from mathpt.io import DataError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-ALGOS = ("sft", "no_baseline", "reinforce_with_baseline", "grpo_clip")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -81,6 +81,18 @@ def test_job_order_evals_of_current_weights_then_rollouts():
     assert _next_job(jobs, 5) is None
 
 
+def test_jobs_hold_the_weights_they_were_submitted_against():
+    from collections import deque
+
+    from mathpt.runtime.worker import Job, holds_weights
+
+    jobs = deque([Job(0, "eval", ["p"], GREEDY, 0, None, 4), Job(1, "rollout", ["p"], GREEDY, 0, None, 5)])
+    assert holds_weights(jobs, 5)  # the rollout asked for v5: v6 must wait
+    assert _next_job(jobs, 5).job_id == 1
+    assert not holds_weights(jobs, 5)  # only an older job is left: newer weights may load
+    assert not holds_weights(deque(), 5)
+
+
 class _FakeClient:
     """Records submissions; jobs 'run' with the newest pushed version, or a lagging one if told."""
 

@@ -30,7 +30,7 @@ class Job:
     params: SamplingConfig
     step: int
     tag: dict | None
-    min_version: int  # the newest version pushed before submit: the job runs with >= this
+    min_version: int  # the newest version pushed before submit: the job runs on exactly this one
 
 
 @dataclass
@@ -117,6 +117,17 @@ def _handoff_loop(state: dict, device: str, ctrl_q, ack_q, job_q, mailbox) -> No
             ack_q.put((key, traceback.format_exc()))
 
 
+def holds_weights(pending: deque, version: int) -> bool:
+    """True while a queued job was submitted against the weights the engine runs now.
+
+    Such a job runs on exactly those weights: newer staged weights wait until it is done. Without
+    this, a rollout queued behind an eval could run on weights pushed after it was submitted, so
+    which policy generated a batch (and every number downstream) would depend on timing. The
+    trainer submits a job before it pushes the next version, so the job is in the queue first.
+    """
+    return any(j.min_version == version for j in pending)
+
+
 def _next_job(pending: deque, version: int) -> Job | None:
     """Evals asked for exactly the current weights first (so a validation curve point is taken on
     the weights of its step, not on whatever is newest once rollouts stop), then rollouts (the
@@ -190,7 +201,7 @@ def _serve(engine, state: dict, job_q, result_q) -> None:
             elif m[0] == "stop":
                 stop = True
         receiver = state["receiver"]
-        if receiver is not None:
+        if receiver is not None and not holds_weights(pending, engine.weight_version):
             receiver.apply_newest(engine)  # an exception here is fatal: the engine may be half-updated
         job = _next_job(pending, engine.weight_version)
         if job is None:
