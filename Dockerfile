@@ -1,6 +1,13 @@
 # GPU image: CUDA base, the package with its GPU extra (vLLM), runs the full experiment.
 #   docker build -t mathpt .
-#   docker run --gpus all -e DEEPSEEK_API_KEY -v $PWD/results:/app/results mathpt
+#   docker run --gpus all --ipc=host -e DEEPSEEK_API_KEY \
+#       -v "$PWD/results:/app/results" -v "$HOME/.cache/huggingface:/root/.cache/huggingface" mathpt
+# --ipc=host (or a large --shm-size, e.g. 16g): vLLM and NCCL move tensors through /dev/shm, and
+#   Docker's default 64 MiB makes them fail or hang.
+# -v .../results: the pipeline's outputs (tables, plots, checkpoints, logs); without a volume they
+#   vanish with the container. The Hugging Face cache volume keeps model and dataset downloads.
+# A local GSM8K copy instead of the hub: -v /path/to/gsm8k:/data/gsm8k -e MATHPT_GSM8K_DIR=/data/gsm8k
+# Another config: append e.g. `snakemake --cores all --configfile config/gsm8k-cpu.yaml all`.
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
@@ -15,5 +22,6 @@ COPY pyproject.toml README.md LICENSE ./
 COPY mathpt ./mathpt
 RUN pip install -U pip && pip install -e ".[gpu]"
 COPY . .
+VOLUME ["/app/results"]
 
 CMD ["snakemake", "--cores", "all", "--configfile", "config/qwen2.5-math-1.5b.yaml", "--resources", "gpu=2", "all"]

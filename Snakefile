@@ -16,6 +16,7 @@ report: "report/workflow.rst"
 
 
 rule all:
+    default_target: True
     input:
         "results/ci_table.csv",
         "results/accuracy.csv",
@@ -23,7 +24,7 @@ rule all:
         "results/plots/forest.png",
         "results/plots/accuracy.png",
         "results/plots/reward_val.png",
-    default_target: True
+        "results/summary.md",
 
 
 include: "rules/data.smk"

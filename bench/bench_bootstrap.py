@@ -1,6 +1,6 @@
 """Time the paired bootstrap at GSM8K size: 10,000 resamples x 1,319 problems, shared indices.
 
-    python bench/bench_bootstrap.py
+python bench/bench_bootstrap.py
 """
 
 import time

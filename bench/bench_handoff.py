@@ -36,12 +36,28 @@ from mathpt.engines.base import SamplingConfig  # noqa: E402
 
 SHAPES = {
     # Qwen2.5-Math-1.5B
-    "1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096,
-                 tie_word_embeddings=True, rope_theta=10000.0, rms_norm_eps=1e-6),
-    "tiny": dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
-                 tie_word_embeddings=True),
+    "1.5b": dict(
+        vocab_size=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_hidden_layers=28,
+        num_attention_heads=12,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+    ),
+    "tiny": dict(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
 }
 
 
@@ -97,7 +113,11 @@ def perturb(model, scale: float = 0.02, seed: int = 0) -> None:
     """A stand-in for an optimizer update that moves every weight (and so every generation)."""
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     for p in model.parameters():
-        p.add_(torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype) * scale * p.float().std().to(p.dtype))
+        p.add_(
+            torch.randn(p.shape, generator=g, device=p.device, dtype=p.dtype)
+            * scale
+            * p.float().std().to(p.dtype)
+        )
 
 
 def med(xs: list[float]) -> float:
@@ -128,10 +148,14 @@ def measure_handoff(client, model, reps: int, probe, version: int) -> tuple[dict
             gaps_old.append(logprob_gap(model, before.generations))
     return {
         "mode": client.handoff_mode,
-        "push_ms_median": 1e3 * med(push_s), "push_ms_min": 1e3 * min(push_s), "push_ms_max": 1e3 * max(push_s),
-        "push_to_applied_ms_median": 1e3 * med(total_s), "push_to_applied_ms_min": 1e3 * min(total_s),
+        "push_ms_median": 1e3 * med(push_s),
+        "push_ms_min": 1e3 * min(push_s),
+        "push_ms_max": 1e3 * max(push_s),
+        "push_to_applied_ms_median": 1e3 * med(total_s),
+        "push_to_applied_ms_min": 1e3 * min(total_s),
         "reps": reps,
-        "logprob_gap_new_weights": med(gaps_new), "logprob_gap_previous_weights": med(gaps_old),
+        "logprob_gap_new_weights": med(gaps_new),
+        "logprob_gap_previous_weights": med(gaps_old),
     }, version
 
 
@@ -140,8 +164,16 @@ def _sync(model) -> None:
         torch.cuda.synchronize()
 
 
-def measure_idle(client, model, steps: int, batch: tuple[int, int], eval_every: int, eval_job, version: int,
-                 push_every: int):
+def measure_idle(
+    client,
+    model,
+    steps: int,
+    batch: tuple[int, int],
+    eval_every: int,
+    eval_job,
+    version: int,
+    push_every: int,
+):
     """Train ``steps`` optimizer steps while eval jobs run in the worker; time what blocks the trainer.
 
     Idle = poll (before the optimizer step) + push_weights + submit. The device is synchronized
@@ -183,13 +215,20 @@ def measure_idle(client, model, steps: int, batch: tuple[int, int], eval_every: 
     idle = [r[1] + r[2] + r[3] for r in rows]
     pushes = [r[2] for r in rows if r[2] > 0]
     return {
-        "steps": steps, "batch": list(batch), "eval_every": eval_every, "push_every": push_every,
+        "steps": steps,
+        "batch": list(batch),
+        "eval_every": eval_every,
+        "push_every": push_every,
         "evals_finished": evals,
-        "step_s_median": med([r[0] for r in rows]), "step_s_mean": sum(r[0] for r in rows) / len(rows),
-        "idle_ms_median": 1e3 * med(idle), "idle_ms_mean": 1e3 * sum(idle) / len(idle),
+        "step_s_median": med([r[0] for r in rows]),
+        "step_s_mean": sum(r[0] for r in rows) / len(rows),
+        "idle_ms_median": 1e3 * med(idle),
+        "idle_ms_mean": 1e3 * sum(idle) / len(idle),
         "idle_fraction_total": sum(idle) / sum(r[0] for r in rows),
-        "poll_ms_median": 1e3 * med([r[1] for r in rows]), "push_ms_median": 1e3 * med(pushes),
-        "push_ms_max": 1e3 * max(pushes), "submit_ms_median": 1e3 * med([r[3] for r in rows]),
+        "poll_ms_median": 1e3 * med([r[1] for r in rows]),
+        "push_ms_median": 1e3 * med(pushes),
+        "push_ms_max": 1e3 * max(pushes),
+        "submit_ms_median": 1e3 * med([r[3] for r in rows]),
     }, version
 
 
@@ -222,8 +261,13 @@ def measure_throughput(client, prompts, params: SamplingConfig, reps: int) -> di
         toks = sum(len(g.token_ids) for g in r.generations)
         e2e.append(toks / dt)
         rates.append(toks / r.elapsed_s)
-    return {"tokens": toks, "tok_s_end_to_end": med(e2e), "tok_s_in_worker": med(rates),
-            "tok_s_end_to_end_all": e2e, "tok_s_in_worker_all": rates}
+    return {
+        "tokens": toks,
+        "tok_s_end_to_end": med(e2e),
+        "tok_s_in_worker": med(rates),
+        "tok_s_end_to_end_all": e2e,
+        "tok_s_in_worker_all": rates,
+    }
 
 
 def _vllm_alone(model_dir: str, engine_kwargs: dict, prompts, params: SamplingConfig, reps: int, q) -> None:
@@ -236,11 +280,19 @@ def _vllm_alone(model_dir: str, engine_kwargs: dict, prompts, params: SamplingCo
         t0 = time.perf_counter()
         llm = LLM(model=model_dir, **kw)
         start_s = time.perf_counter() - t0
-        sp = SamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                            max_tokens=params.max_new_tokens, logprobs=0 if params.logprobs else None,
-                            seed=params.seed, detokenize=False)
+        sp = SamplingParams(
+            n=params.n,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            max_tokens=params.max_new_tokens,
+            logprobs=0 if params.logprobs else None,
+            seed=params.seed,
+            detokenize=False,
+        )
         inputs = [{"prompt_token_ids": p} for p in prompts]
-        llm.generate(inputs, SamplingParams(max_tokens=16, n=params.n, seed=1, detokenize=False), use_tqdm=False)
+        llm.generate(
+            inputs, SamplingParams(max_tokens=16, n=params.n, seed=1, detokenize=False), use_tqdm=False
+        )
         rates = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -276,9 +328,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--handoff", default="auto")
     ap.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's share of the shared GPU")
-    ap.add_argument("--compiled", action="store_true", help="torch.compile + CUDA graphs (default: enforce_eager)")
+    ap.add_argument(
+        "--compiled", action="store_true", help="torch.compile + CUDA graphs (default: enforce_eager)"
+    )
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test)")
-    ap.add_argument("--skip", default="", help="comma list of phases to skip: alone,handoff,disk,idle,throughput")
+    ap.add_argument(
+        "--skip", default="", help="comma list of phases to skip: alone,handoff,disk,idle,throughput"
+    )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     a = ap.parse_args()
     skip = set(filter(None, a.skip.split(",")))
@@ -287,8 +343,14 @@ def main() -> None:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     config = build_config(a.shape)
     model_dir = write_model_dir(config, Path(os.environ.get("TMPDIR", "/tmp")) / f"mathpt_bench_{a.shape}")
-    engine_kwargs = dict(dtype="bfloat16" if on_gpu else "float32", load_format="dummy", skip_tokenizer_init=True,
-                         enforce_eager=not a.compiled, max_model_len=1024, seed=0)
+    engine_kwargs = dict(
+        dtype="bfloat16" if on_gpu else "float32",
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        enforce_eager=not a.compiled,
+        max_model_len=1024,
+        seed=0,
+    )
     if on_gpu:
         engine_kwargs["gpu_memory_utilization"] = a.gpu_mem
     else:
@@ -303,10 +365,17 @@ def main() -> None:
     rollout_prompts = random_prompts(n_prompts, prompt_len, vocab, seed=0)
     rollout_params = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, n=n_samples, seed=0)
     probe = (random_prompts(8, 32, vocab, seed=1), SamplingConfig(max_new_tokens=16, temperature=0.0))
-    eval_job = (random_prompts(eval_prompts, prompt_len, vocab, seed=2),
-                SamplingConfig(max_new_tokens=eval_tokens, temperature=0.0))
-    report: dict = {"shape": a.shape, "device": a.device, "engine_kwargs": engine_kwargs,
-                    "torch": torch.__version__, "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu"}
+    eval_job = (
+        random_prompts(eval_prompts, prompt_len, vocab, seed=2),
+        SamplingConfig(max_new_tokens=eval_tokens, temperature=0.0),
+    )
+    report: dict = {
+        "shape": a.shape,
+        "device": a.device,
+        "engine_kwargs": engine_kwargs,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if on_gpu else "cpu",
+    }
 
     def log(msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
@@ -325,8 +394,15 @@ def main() -> None:
     def save() -> None:
         (out / "bench_handoff.json").write_text(json.dumps(report, indent=2, default=str))
 
-    sizes = dict(probe=probe, eval_job=eval_job, rollout_prompts=rollout_prompts, rollout_params=rollout_params,
-                 train_batch=train_batch, idle_steps=idle_steps, save=save)
+    sizes = dict(
+        probe=probe,
+        eval_job=eval_job,
+        rollout_prompts=rollout_prompts,
+        rollout_params=rollout_params,
+        train_batch=train_batch,
+        idle_steps=idle_steps,
+        save=save,
+    )
     try:
         runtime_phases(report, model, model_dir, a.device, a.handoff, engine_kwargs, skip, sizes, log)
     except Exception:  # noqa: BLE001 - keep what was measured; retry with the shared-memory path
@@ -335,7 +411,9 @@ def main() -> None:
         report[f"error_{a.handoff}"] = traceback.format_exc()
         log(f"runtime phases failed with handoff={a.handoff}:\n{report[f'error_{a.handoff}']}")
         if a.handoff != "shm":
-            runtime_phases(report, model, model_dir, a.device, "shm", engine_kwargs, skip | {"disk"}, sizes, log)
+            runtime_phases(
+                report, model, model_dir, a.device, "shm", engine_kwargs, skip | {"disk"}, sizes, log
+            )
     save()
     print_table(report)
 
@@ -346,8 +424,9 @@ def runtime_phases(report, model, model_dir, device, handoff, engine_kwargs, ski
 
     state = {"version": 0}
     t0 = time.perf_counter()
-    with InferenceClient("vllm", model_dir, device=device, handoff=handoff, engine_kwargs=engine_kwargs,
-                         heartbeat_timeout_s=60) as client:
+    with InferenceClient(
+        "vllm", model_dir, device=device, handoff=handoff, engine_kwargs=engine_kwargs, heartbeat_timeout_s=60
+    ) as client:
         client.wait_ready()
         report["runtime_engine_start_s"] = time.perf_counter() - t0
         log(f"worker ready after {report['runtime_engine_start_s']:.1f} s")
@@ -356,36 +435,58 @@ def runtime_phases(report, model, model_dir, device, handoff, engine_kwargs, ski
         client.wait_applied(state["version"])
 
         def handoff_phase():
-            report["handoff"], state["version"] = measure_handoff(client, model, 10, sz["probe"], state["version"])
+            report["handoff"], state["version"] = measure_handoff(
+                client, model, 10, sz["probe"], state["version"]
+            )
 
         def disk_phase():
             client.set_handoff("disk")
             try:
-                report["handoff_disk"], state["version"] = measure_handoff(client, model, 3, sz["probe"], state["version"])
+                report["handoff_disk"], state["version"] = measure_handoff(
+                    client, model, 3, sz["probe"], state["version"]
+                )
             finally:
                 client.set_handoff(handoff)
                 state["version"] += 1
                 client.push_weights(model, state["version"])
 
         def throughput_phase():
-            report["throughput"] = measure_throughput(client, sz["rollout_prompts"], sz["rollout_params"], reps=3)
+            report["throughput"] = measure_throughput(
+                client, sz["rollout_prompts"], sz["rollout_params"], reps=3
+            )
 
         def idle_phase():
             report["step_s_worker_idle"] = measure_step_alone(model, 6, sz["train_batch"])
             # PG-like: weights pushed after every optimizer step; SFT-like: only with each eval job
             for name, push_every in (("idle_push_every_step", 1), ("idle_push_with_eval", 5)):
-                report[name], state["version"] = measure_idle(client, model, sz["idle_steps"], sz["train_batch"],
-                                                              eval_every=5, eval_job=sz["eval_job"],
-                                                              version=state["version"], push_every=push_every)
+                report[name], state["version"] = measure_idle(
+                    client,
+                    model,
+                    sz["idle_steps"],
+                    sz["train_batch"],
+                    eval_every=5,
+                    eval_job=sz["eval_job"],
+                    version=state["version"],
+                    push_every=push_every,
+                )
 
-        for name, fn in (("handoff", handoff_phase), ("disk", disk_phase), ("throughput", throughput_phase),
-                         ("idle", idle_phase)):
+        for name, fn in (
+            ("handoff", handoff_phase),
+            ("disk", disk_phase),
+            ("throughput", throughput_phase),
+            ("idle", idle_phase),
+        ):
             if name in skip:
                 continue
             try:
                 fn()
-                log(f"{name}: " + json.dumps({k: v for k, v in report.items() if k.startswith((name, 'idle_', 'step_'))},
-                                             default=str))
+                log(
+                    f"{name}: "
+                    + json.dumps(
+                        {k: v for k, v in report.items() if k.startswith((name, "idle_", "step_"))},
+                        default=str,
+                    )
+                )
             except Exception:  # noqa: BLE001 - keep the other phases' numbers
                 import traceback
 
@@ -398,29 +499,54 @@ def print_table(r: dict) -> None:
     rows = []
     if "handoff" in r:
         h = r["handoff"]
-        rows += [(f"hand-off {h['mode']}: push_weights (trainer blocked)", f"{h['push_ms_median']:.1f} ms median"),
-                 (f"hand-off {h['mode']}: push -> applied in engine", f"{h['push_to_applied_ms_median']:.1f} ms median"),
-                 ("  log-prob gap new / previous weights", f"{h['logprob_gap_new_weights']:.4f} / {h['logprob_gap_previous_weights']:.4f}")]
+        rows += [
+            (f"hand-off {h['mode']}: push_weights (trainer blocked)", f"{h['push_ms_median']:.1f} ms median"),
+            (
+                f"hand-off {h['mode']}: push -> applied in engine",
+                f"{h['push_to_applied_ms_median']:.1f} ms median",
+            ),
+            (
+                "  log-prob gap new / previous weights",
+                f"{h['logprob_gap_new_weights']:.4f} / {h['logprob_gap_previous_weights']:.4f}",
+            ),
+        ]
     if "handoff_disk" in r:
         h = r["handoff_disk"]
-        rows += [("hand-off disk (/dev/shm): push (save)", f"{h['push_ms_median']:.0f} ms median"),
-                 ("hand-off disk (/dev/shm): push -> applied", f"{h['push_to_applied_ms_median']:.0f} ms median")]
+        rows += [
+            ("hand-off disk (/dev/shm): push (save)", f"{h['push_ms_median']:.0f} ms median"),
+            ("hand-off disk (/dev/shm): push -> applied", f"{h['push_to_applied_ms_median']:.0f} ms median"),
+        ]
     if "step_s_worker_idle" in r:
         rows.append(("trainer step, worker idle", f"{r['step_s_worker_idle'] * 1e3:.0f} ms median"))
     for name in ("idle_push_every_step", "idle_push_with_eval"):
         if name in r:
             i = r[name]
-            rows += [(f"{name}: trainer step (evals running)", f"{i['step_s_median'] * 1e3:.0f} ms median"),
-                     (f"{name}: idle (poll+push+submit)", f"{i['idle_ms_mean']:.1f} ms/step = {100 * i['idle_fraction_total']:.2f}% of step time"),
-                     (f"{name}:   push_weights", f"{i['push_ms_median']:.1f} ms median, {i['push_ms_max']:.1f} max")]
+            rows += [
+                (f"{name}: trainer step (evals running)", f"{i['step_s_median'] * 1e3:.0f} ms median"),
+                (
+                    f"{name}: idle (poll+push+submit)",
+                    f"{i['idle_ms_mean']:.1f} ms/step = {100 * i['idle_fraction_total']:.2f}% of step time",
+                ),
+                (
+                    f"{name}:   push_weights",
+                    f"{i['push_ms_median']:.1f} ms median, {i['push_ms_max']:.1f} max",
+                ),
+            ]
     if "throughput" in r:
         t = r["throughput"]
-        rows += [("rollouts via runtime (end to end)", f"{t['tok_s_end_to_end']:.0f} tok/s"),
-                 ("rollouts via runtime (generate in worker)", f"{t['tok_s_in_worker']:.0f} tok/s")]
+        rows += [
+            ("rollouts via runtime (end to end)", f"{t['tok_s_end_to_end']:.0f} tok/s"),
+            ("rollouts via runtime (generate in worker)", f"{t['tok_s_in_worker']:.0f} tok/s"),
+        ]
     if "vllm_alone" in r and "tok_s" in r["vllm_alone"]:
         rows.append(("vLLM alone", f"{r['vllm_alone']['tok_s']:.0f} tok/s"))
         if "throughput" in r:
-            rows.append(("runtime / vLLM alone", f"{r['throughput']['tok_s_end_to_end'] / r['vllm_alone']['tok_s']:.3f}"))
+            rows.append(
+                (
+                    "runtime / vLLM alone",
+                    f"{r['throughput']['tok_s_end_to_end'] / r['vllm_alone']['tok_s']:.3f}",
+                )
+            )
     w = max(len(k) for k, _ in rows) if rows else 0
     print(f"\n{r['shape']} on {r['gpu']} ({r.get('params', 0) / 1e9:.2f}e9 params)")
     for k, v in rows:

@@ -68,7 +68,16 @@ def main() -> None:
     for vocab in map(int, args.vocabs.split(",")):
         for seq in map(int, args.seqs.split(",")):
             for method, chunk in [("naive", "none")] + [("chunked", c) for c in args.chunks.split(",")]:
-                cmd = [sys.executable, __file__, "--child", method, str(vocab), str(seq), str(args.hidden), chunk]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    method,
+                    str(vocab),
+                    str(seq),
+                    str(args.hidden),
+                    chunk,
+                ]
                 res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
                 rows.append({"method": method, "chunk": chunk, "vocab": vocab, "seq": seq, **res})
                 print(rows[-1], file=sys.stderr, flush=True)

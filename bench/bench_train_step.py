@@ -97,7 +97,9 @@ def matmul_peak(device: torch.device) -> float:
     return 2 * n**3 / statistics.median(times) / 1e12
 
 
-def make_batch(lengths: list[int], prompt_lens: list[int], pad_to: int, vocab: int, gen: torch.Generator) -> dict:
+def make_batch(
+    lengths: list[int], prompt_lens: list[int], pad_to: int, vocab: int, gen: torch.Generator
+) -> dict:
     """Right-padded rows like tokenize_prompt_and_output: (B, pad_to) ids/labels/mask, pad id 0."""
     b = len(lengths)
     full = torch.randint(1, vocab, (b, pad_to + 1), generator=gen)
@@ -150,7 +152,9 @@ def flops_per_step(batch: dict, n: int, layers: int, hidden: int) -> float:
     return float((6 * n * lens + 12 * layers * hidden * lens * lens).sum())
 
 
-def split(batch: dict, micro: int, keys=("input_ids", "labels", "response_mask", "attention_mask")) -> list[dict]:
+def split(
+    batch: dict, micro: int, keys=("input_ids", "labels", "response_mask", "attention_mask")
+) -> list[dict]:
     b = batch["input_ids"].shape[0]
     return [{k: batch[k][s : s + micro] for k in keys} for s in range(0, b, micro)]
 
@@ -184,11 +188,22 @@ def ours_sft(model, opt, batch: dict, micro: int, device, tokens: int | None = N
 
 
 def ours_pg(model, opt, batch: dict, micro: int, device, tokens: int | None = None) -> None:
-    rb = {k: batch[k] for k in ("input_ids", "labels", "response_mask", "raw_rewards", "advantages", "old_log_probs")}
+    rb = {
+        k: batch[k]
+        for k in ("input_ids", "labels", "response_mask", "raw_rewards", "advantages", "old_log_probs")
+    }
     if tokens is None:
         pg_update(model, opt, rb, "grpo_clip", microbatch_size=micro, autocast_dtype=None)
     else:
-        pg_update(model, opt, rb, "grpo_clip", microbatch_size=len(rb["input_ids"]), microbatch_tokens=tokens, autocast_dtype=None)
+        pg_update(
+            model,
+            opt,
+            rb,
+            "grpo_clip",
+            microbatch_size=len(rb["input_ids"]),
+            microbatch_tokens=tokens,
+            autocast_dtype=None,
+        )
 
 
 def kernel_check(device) -> dict:
@@ -211,9 +226,15 @@ def kernel_check(device) -> dict:
         out[f"use_kernel_{flag}"] = opt.use_kernel
     os.environ["MATHPT_MASTER_KERNEL"] = "1"
     (ko, kp), (ro, rp) = runs["1"], runs["0"]
-    out["master_max_abs_diff"] = max(float((a - b).abs().max()) for a, b in zip(ko.masters[0], ro.masters[0], strict=True))
-    out["update_max_abs"] = max(float((a - w.float()).abs().max()) for a, w in zip(ro.masters[0], w0, strict=True))
-    out["param_is_rounded_master"] = all(torch.equal(p, m.bfloat16()) for p, m in zip(kp, ko.masters[0], strict=True))
+    out["master_max_abs_diff"] = max(
+        float((a - b).abs().max()) for a, b in zip(ko.masters[0], ro.masters[0], strict=True)
+    )
+    out["update_max_abs"] = max(
+        float((a - w.float()).abs().max()) for a, w in zip(ro.masters[0], w0, strict=True)
+    )
+    out["param_is_rounded_master"] = all(
+        torch.equal(p, m.bfloat16()) for p, m in zip(kp, ko.masters[0], strict=True)
+    )
     out["params_equal_torch_path"] = sum(int((a != b).sum()) for a, b in zip(kp, rp, strict=True))
     return out
 
@@ -250,7 +271,12 @@ def timed(fn, warmup: int, iters: int, device) -> dict:
         fn()
         sync(device)
         times.append(time.perf_counter() - t)
-    return {"s_per_step": statistics.median(times), "s_min": min(times), "peak": mem_peak(device), "state_before": state}
+    return {
+        "s_per_step": statistics.median(times),
+        "s_min": min(times),
+        "peak": mem_peak(device),
+        "state_before": state,
+    }
 
 
 def sync(device) -> None:
@@ -327,15 +353,25 @@ def mix_study(model, opt, work, device, args, results, save, n, L, d, peak) -> N
         singles[shp] = make_batch([t + 1] * b, [min(129, t // 2)] * b, t, model.config.vocab_size, gen)
     cases = []
     for backend in args.backends.split(","):
-        for rule, kw in (("rows8", {"micro": 8, "tokens": None}), ("tok8k", {"micro": 32, "tokens": 8192}), ("tok16k", {"micro": 32, "tokens": 16384})):
+        for rule, kw in (
+            ("rows8", {"micro": 8, "tokens": None}),
+            ("tok8k", {"micro": 32, "tokens": 8192}),
+            ("tok16k", {"micro": 32, "tokens": 16384}),
+        ):
             cases.append((backend, "mix", rule, w["batch"], kw))
         for shp, batch in singles.items():
-            cases.append((backend, shp, "single", batch, {"micro": batch["input_ids"].shape[0], "tokens": None}))
+            cases.append(
+                (backend, shp, "single", batch, {"micro": batch["input_ids"].shape[0], "tokens": None})
+            )
     for backend, wname, rule, batch, kw in cases:
         if time.time() - T0 > args.budget_s:
             log("budget reached in mix study")
             break
-        ctx = (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)) if backend == "flash" else contextlib.nullcontext
+        ctx = (
+            (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION))
+            if backend == "flash"
+            else contextlib.nullcontext
+        )
 
         def fn(batch=batch, kw=kw, ctx=ctx):
             with ctx():
@@ -348,13 +384,23 @@ def mix_study(model, opt, work, device, args, results, save, n, L, d, peak) -> N
             continue
         tokens = float(batch["lengths"].sum())
         fl = flops_per_step(batch, n, L, d)
-        row = {"variant": f"mixstudy-{backend}", "step": "pg", "shape": f"{wname}/{rule}", "real_tokens": tokens,
-               "padded_tokens": batch["input_ids"].numel(), "tok_s": tokens / r["s_per_step"],
-               "tflops": fl / r["s_per_step"] / 1e12, "mfu": fl / r["s_per_step"] / 1e12 / peak, **r}
+        row = {
+            "variant": f"mixstudy-{backend}",
+            "step": "pg",
+            "shape": f"{wname}/{rule}",
+            "real_tokens": tokens,
+            "padded_tokens": batch["input_ids"].numel(),
+            "tok_s": tokens / r["s_per_step"],
+            "tflops": fl / r["s_per_step"] / 1e12,
+            "mfu": fl / r["s_per_step"] / 1e12 / peak,
+            **r,
+        }
         row["above_state_gib"] = row["peak"] - row["state_before"] - n * 2 / GiB
         results["rows"].append(row)
         save()
-        log(f"mixstudy {backend:7s} {wname:8s} {rule:6s} {row['tok_s']:8.0f} tok/s MFU {row['mfu']:.3f} ({r['s_per_step'] * 1e3:.0f} ms)")
+        log(
+            f"mixstudy {backend:7s} {wname:8s} {rule:6s} {row['tok_s']:8.0f} tok/s MFU {row['mfu']:.3f} ({r['s_per_step'] * 1e3:.0f} ms)"
+        )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -379,7 +425,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--ckpt-layers", type=int, default=6, help="layers to checkpoint in the 'ckpt' variant")
     ap.add_argument("--variants", default="naive,eager,compiled,ckpt")
-    ap.add_argument("--single-shapes", default="5x1626,12x642,8x1024", help="single microbatches in the mix study")
+    ap.add_argument(
+        "--single-shapes", default="5x1626,12x642,8x1024", help="single microbatches in the mix study"
+    )
     ap.add_argument("--no-grad-check", action="store_true")
     ap.add_argument("--backends", default="default,flash", help="SDPA backends in the mix study")
     ap.add_argument("--profile", action="store_true", help="CUDA kernel profile of one compiled PG step")
@@ -444,10 +492,22 @@ def main() -> None:
                 return
             kw = {"tokens": w["tokens"]} if ("tokens" in w and variant != "naive") else {}
             try:
-                r = timed(lambda w=w, kw=kw: step_fn(model, opt, w["batch"], w["micro"], device, **kw), args.warmup, args.iters, device)
+                r = timed(
+                    lambda w=w, kw=kw: step_fn(model, opt, w["batch"], w["micro"], device, **kw),
+                    args.warmup,
+                    args.iters,
+                    device,
+                )
             except Exception:
                 log(f"FAILED {variant}/{step_name}/{wname}\n{traceback.format_exc()}")
-                results["rows"].append({"variant": variant, "step": step_name, "shape": wname, "error": traceback.format_exc()[-2000:]})
+                results["rows"].append(
+                    {
+                        "variant": variant,
+                        "step": step_name,
+                        "shape": wname,
+                        "error": traceback.format_exc()[-2000:],
+                    }
+                )
                 save()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -487,14 +547,18 @@ def main() -> None:
         log(f"master-weight kernel check {results['kernel_check']}")
         os.environ["MATHPT_MASTER_KERNEL"] = "0"
         opt = MasterWeightAdamW(model.parameters(), lr=1e-6)
-        results.setdefault("optimizer_only_s", {})["master_torch_fused_adamw_plus_clip"] = optimizer_only(model, opt, device, clip=True)
+        results.setdefault("optimizer_only_s", {})["master_torch_fused_adamw_plus_clip"] = optimizer_only(
+            model, opt, device, clip=True
+        )
         del opt
         gc.collect()
         torch.cuda.empty_cache()
         os.environ["MATHPT_MASTER_KERNEL"] = "1"
     opt = MasterWeightAdamW(model.parameters(), lr=1e-6)
     results["master_kernel"] = opt.use_kernel
-    results.setdefault("optimizer_only_s", {})["master_ours_plus_clip"] = optimizer_only(model, opt, device, clip=True)
+    results.setdefault("optimizer_only_s", {})["master_ours_plus_clip"] = optimizer_only(
+        model, opt, device, clip=True
+    )
     log(f"optimizer only: {results['optimizer_only_s']}")
     if "eager" in variants:
         run("eager", "sft", ours_sft, opt, only=(first, "mix"))
@@ -514,7 +578,9 @@ def main() -> None:
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
                     ours_pg(model, opt, w["batch"], w["micro"], device)
                     sync(device)
-                table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+                table = prof.key_averages().table(
+                    sort_by="cuda_time_total", row_limit=30, max_name_column_width=70
+                )
                 (out_dir / "profile_pg_8x1024.txt").write_text(table)
                 print(table[:6000])
             except Exception:

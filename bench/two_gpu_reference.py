@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import os
 
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+for _k, _v in {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}.items():
     os.environ[_k] = _v  # forced, not setdefault: these must never be on
 
 import argparse  # noqa: E402
@@ -81,8 +85,12 @@ def pg_loop(client, model, opt, steps: int, staleness: int, prompts, params, mic
 
     n = len(prompts)
     per_step = max(1, n // max(1, steps))
-    pipe = RolloutPipeline(client, params, lambda s: (prompts[(s * per_step) % n :][:per_step] or prompts[:per_step],
-                                                      {"step": s}), max_staleness=staleness)
+    pipe = RolloutPipeline(
+        client,
+        params,
+        lambda s: (prompts[(s * per_step) % n :][:per_step] or prompts[:per_step], {"step": s}),
+        max_staleness=staleness,
+    )
     rows = []
     g = torch.Generator().manual_seed(0)
     for step in range(steps):
@@ -94,13 +102,18 @@ def pg_loop(client, model, opt, steps: int, staleness: int, prompts, params, mic
         # where did the rollouts come from? their vLLM log-probs vs the trainer's current weights
         with torch.no_grad():
             cur = sequence_logprobs(model, gens, micro, grad=False)
-        gap = float(torch.cat([c - torch.tensor(x.logprobs, device=c.device) for c, x in zip(cur, gens, strict=True)])
-                    .abs().mean())
+        gap = float(
+            torch.cat([c - torch.tensor(x.logprobs, device=c.device) for c, x in zip(cur, gens, strict=True)])
+            .abs()
+            .mean()
+        )
         adv = torch.randn(len(gens), generator=g)
         adv = (adv - adv.mean()) / (adv.std() + 1e-6)
         for i in range(0, len(gens), micro):
             lps = sequence_logprobs(model, gens[i : i + micro], micro, grad=True)
-            loss = -sum(a * lp.mean() for a, lp in zip(adv[i : i + micro].tolist(), lps, strict=True)) / len(gens)
+            loss = -sum(a * lp.mean() for a, lp in zip(adv[i : i + micro].tolist(), lps, strict=True)) / len(
+                gens
+            )
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -109,15 +122,27 @@ def pg_loop(client, model, opt, steps: int, staleness: int, prompts, params, mic
         push_s = client.push_weights(model, version)
         dt = time.perf_counter() - t0
         tokens = sum(len(x.token_ids) for x in gens)
-        rows.append({"step": step, "step_s": dt, "wait_s": wait_s, "push_s": push_s, "idle_fraction": (wait_s + push_s) / dt,
-                     "rollout_version": res.weight_version, "lag": lag, "logprob_gap_vs_trainer": gap,
-                     "rollout_tokens": tokens})
+        rows.append(
+            {
+                "step": step,
+                "step_s": dt,
+                "wait_s": wait_s,
+                "push_s": push_s,
+                "idle_fraction": (wait_s + push_s) / dt,
+                "rollout_version": res.weight_version,
+                "lag": lag,
+                "logprob_gap_vs_trainer": gap,
+                "rollout_tokens": tokens,
+            }
+        )
         log(f"staleness {staleness} step {step}: {rows[-1]}")
     timed = rows[1:] if len(rows) > 1 else rows  # step 0 waits for the first batch in both modes
     return {
-        "max_staleness": staleness, "steps": steps,
+        "max_staleness": staleness,
+        "steps": steps,
         "step_s_median": med([r["step_s"] for r in timed]),
-        "idle_fraction_total": sum(r["wait_s"] + r["push_s"] for r in timed) / sum(r["step_s"] for r in timed),
+        "idle_fraction_total": sum(r["wait_s"] + r["push_s"] for r in timed)
+        / sum(r["step_s"] for r in timed),
         "wait_ms_median": 1e3 * med([r["wait_s"] for r in timed]),
         "push_ms_median": 1e3 * med([r["push_s"] for r in timed]),
         "rows": rows,
@@ -127,7 +152,9 @@ def pg_loop(client, model, opt, steps: int, staleness: int, prompts, params, mic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="1.5b")
-    ap.add_argument("--cpu", action="store_true", help="both processes on CPU, gloo instead of NCCL (smoke test)")
+    ap.add_argument(
+        "--cpu", action="store_true", help="both processes on CPU, gloo instead of NCCL (smoke test)"
+    )
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--gpu-mem", type=float, default=0.85, help="vLLM's share of GPU 1")
     ap.add_argument("--compiled", action="store_true")
@@ -138,13 +165,21 @@ def main() -> None:
     from mathpt.runtime import InferenceClient
 
     if not a.cpu and torch.cuda.device_count() < 2:
-        sys.exit(f"two_gpu_reference.py needs 2 GPUs, found {torch.cuda.device_count()} (use --cpu for a smoke test)")
+        sys.exit(
+            f"two_gpu_reference.py needs 2 GPUs, found {torch.cuda.device_count()} (use --cpu for a smoke test)"
+        )
     trainer_dev, worker_dev = ("cpu", "cpu") if a.cpu else ("cuda:0", "cuda:1")
     dtype = torch.float32 if a.cpu else torch.bfloat16
     config = build_config(a.shape)
     model_dir = write_model_dir(config, Path(os.environ.get("TMPDIR", "/tmp")) / f"mathpt_bench_{a.shape}")
-    engine_kwargs = dict(dtype="float32" if a.cpu else "bfloat16", load_format="dummy", skip_tokenizer_init=True,
-                         enforce_eager=not a.compiled, max_model_len=2048, seed=0)
+    engine_kwargs = dict(
+        dtype="float32" if a.cpu else "bfloat16",
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        enforce_eager=not a.compiled,
+        max_model_len=2048,
+        seed=0,
+    )
     if a.cpu:
         engine_kwargs["kv_cache_memory_bytes"] = 256 << 20
     else:
@@ -154,9 +189,14 @@ def main() -> None:
     prompts = random_prompts(n_prompts * a.steps, 128 if not a.quick else 16, vocab, seed=5)
     params = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0, n=n_samples, seed=0)
     probe = (random_prompts(8, 32, vocab, seed=1), SamplingConfig(max_new_tokens=16, temperature=0.0))
-    report: dict = {"shape": a.shape, "trainer": trainer_dev, "worker": worker_dev, "engine_kwargs": engine_kwargs,
-                    "nccl_env": {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
-                    "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    report: dict = {
+        "shape": a.shape,
+        "trainer": trainer_dev,
+        "worker": worker_dev,
+        "engine_kwargs": engine_kwargs,
+        "nccl_env": {k: os.environ[k] for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST")},
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -169,8 +209,14 @@ def main() -> None:
     model = build_trainer_model(config, trainer_dev, dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, foreach=True)
     version = 0
-    with InferenceClient("vllm", model_dir, device=worker_dev, handoff="nccl", engine_kwargs=engine_kwargs,
-                         heartbeat_timeout_s=120) as client:
+    with InferenceClient(
+        "vllm",
+        model_dir,
+        device=worker_dev,
+        handoff="nccl",
+        engine_kwargs=engine_kwargs,
+        heartbeat_timeout_s=120,
+    ) as client:
         t0 = time.perf_counter()
         client.wait_ready()
         report["engine_start_s"] = time.perf_counter() - t0
@@ -189,17 +235,22 @@ def main() -> None:
         save()
         for staleness in (0, 1):
             report[f"pg_staleness_{staleness}"], version = pg_loop(
-                client, model, opt, a.steps, staleness, prompts, params, micro, version, log)
+                client, model, opt, a.steps, staleness, prompts, params, micro, version, log
+            )
             save()
     print(f"\n{a.shape}: trainer {trainer_dev}, worker {worker_dev}")
     for k in ("handoff_nccl", "handoff_disk"):
         h = report[k]
-        print(f"{k:<22} push {h['push_ms_median']:8.1f} ms  push->applied {h['push_to_applied_ms_median']:8.1f} ms  "
-              f"log-prob gap new/prev {h['logprob_gap_new_weights']:.4f}/{h['logprob_gap_previous_weights']:.4f}")
+        print(
+            f"{k:<22} push {h['push_ms_median']:8.1f} ms  push->applied {h['push_to_applied_ms_median']:8.1f} ms  "
+            f"log-prob gap new/prev {h['logprob_gap_new_weights']:.4f}/{h['logprob_gap_previous_weights']:.4f}"
+        )
     for s in (0, 1):
         p = report[f"pg_staleness_{s}"]
-        print(f"pg max_staleness={s}:    step {p['step_s_median'] * 1e3:8.0f} ms  idle {100 * p['idle_fraction_total']:5.1f}%  "
-              f"(wait {p['wait_ms_median']:.0f} ms, push {p['push_ms_median']:.1f} ms)")
+        print(
+            f"pg max_staleness={s}:    step {p['step_s_median'] * 1e3:8.0f} ms  idle {100 * p['idle_fraction_total']:5.1f}%  "
+            f"(wait {p['wait_ms_median']:.0f} ms, push {p['push_ms_median']:.1f} ms)"
+        )
     save()
 
 

@@ -42,7 +42,7 @@ def model_name(algo: str, seed: int | None) -> str:
 
 
 def parse_model_name(name: str) -> tuple[str, int | None]:
-    """"grpo_clip-seed3" -> ("grpo_clip", 3); a name without "-seedN" (e.g. "base") -> (name, None)."""
+    """ "grpo_clip-seed3" -> ("grpo_clip", 3); a name without "-seedN" (e.g. "base") -> (name, None)."""
     m = _RUN_NAME.fullmatch(name)
     return (m["algo"], int(m["seed"])) if m else (name, None)
 

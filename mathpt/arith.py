@@ -23,17 +23,66 @@ MAX_VALUE = 200  # default cap on any intermediate result, so the numbers stay s
 MIN_MAX_VALUE = 20  # below this the operand ranges become degenerate
 
 NAMES = [
-    ("Ava", "she"), ("Liam", "he"), ("Maya", "she"), ("Noah", "he"), ("Zoe", "she"), ("Omar", "he"),
-    ("Priya", "she"), ("Diego", "he"), ("Hana", "she"), ("Kofi", "he"), ("Lena", "she"), ("Mateo", "he"),
-    ("Aisha", "she"), ("Ben", "he"), ("Chloe", "she"), ("Ivan", "he"), ("Sofia", "she"), ("Yusuf", "he"),
-    ("Emma", "she"), ("Ravi", "he"), ("Nina", "she"), ("Felix", "he"), ("Mei", "she"), ("Tom", "he"),
-    ("Grace", "she"), ("Jamal", "he"), ("Rosa", "she"), ("Leo", "he"), ("Keiko", "she"), ("Sam", "he"),
+    ("Ava", "she"),
+    ("Liam", "he"),
+    ("Maya", "she"),
+    ("Noah", "he"),
+    ("Zoe", "she"),
+    ("Omar", "he"),
+    ("Priya", "she"),
+    ("Diego", "he"),
+    ("Hana", "she"),
+    ("Kofi", "he"),
+    ("Lena", "she"),
+    ("Mateo", "he"),
+    ("Aisha", "she"),
+    ("Ben", "he"),
+    ("Chloe", "she"),
+    ("Ivan", "he"),
+    ("Sofia", "she"),
+    ("Yusuf", "he"),
+    ("Emma", "she"),
+    ("Ravi", "he"),
+    ("Nina", "she"),
+    ("Felix", "he"),
+    ("Mei", "she"),
+    ("Tom", "he"),
+    ("Grace", "she"),
+    ("Jamal", "he"),
+    ("Rosa", "she"),
+    ("Leo", "he"),
+    ("Keiko", "she"),
+    ("Sam", "he"),
 ]
 OBJECTS = [
-    "apples", "marbles", "stickers", "pencils", "cookies", "books", "seashells", "trading cards",
-    "toy cars", "balloons", "crayons", "stamps", "buttons", "beads", "oranges", "coins", "rocks",
-    "erasers", "postcards", "feathers", "puzzle pieces", "paper cranes", "comic books", "candies",
-    "flowers", "bottle caps", "ribbons", "keychains",
+    "apples",
+    "marbles",
+    "stickers",
+    "pencils",
+    "cookies",
+    "books",
+    "seashells",
+    "trading cards",
+    "toy cars",
+    "balloons",
+    "crayons",
+    "stamps",
+    "buttons",
+    "beads",
+    "oranges",
+    "coins",
+    "rocks",
+    "erasers",
+    "postcards",
+    "feathers",
+    "puzzle pieces",
+    "paper cranes",
+    "comic books",
+    "candies",
+    "flowers",
+    "bottle caps",
+    "ribbons",
+    "keychains",
 ]
 CONTAINERS = ["bags", "boxes", "packs", "jars", "baskets", "bundles", "cartons", "tins"]
 SHOPS = [
@@ -103,7 +152,10 @@ STEPS = {
         ("{Sc} buys {n} more {Obj}.", "After buying {n} more, {S} has {prev} + {n} = {E}{r} {Obj}."),
         ("{Oth} gives {S} {n} {Obj}.", "With {Oth}'s gift, {S} has {prev} + {n} = {E}{r} {Obj}."),
         ("Then {P} finds {n} more {Obj}.", "After finding {n} more, {S} has {prev} + {n} = {E}{r} {Obj}."),
-        ("{Pc} gets another {n} {Obj} as a present.", "The present brings {S} to {prev} + {n} = {E}{r} {Obj}."),
+        (
+            "{Pc} gets another {n} {Obj} as a present.",
+            "The present brings {S} to {prev} + {n} = {E}{r} {Obj}.",
+        ),
     ],
     ("items", "sub"): [
         ("{Sc} gives {n} {Obj} to {Oth}.", "After giving {n} away, {S} has {prev} - {n} = {E}{r} {Obj}."),
@@ -112,14 +164,24 @@ STEPS = {
         ("{Sc} sells {n} {Obj} to {Oth}.", "After selling {n}, {S} has {prev} - {n} = {E}{r} {Obj}."),
     ],
     ("items", "mul"): [
-        ("After a big trade, {S} has {n} times as many {Obj} as before.", "{Sc} now has {prev} x {n} = {E}{r} {Obj}."),
-        ("Then the number of {Obj} {S} has is multiplied by {n}.", "{Sc} now has {prev} x {n} = {E}{r} {Obj}."),
+        (
+            "After a big trade, {S} has {n} times as many {Obj} as before.",
+            "{Sc} now has {prev} x {n} = {E}{r} {Obj}.",
+        ),
+        (
+            "Then the number of {Obj} {S} has is multiplied by {n}.",
+            "{Sc} now has {prev} x {n} = {E}{r} {Obj}.",
+        ),
     ],
     ("items", "div"): [
-        ("{Sc} splits {Poss} {Obj} into {n} equal piles and keeps only one pile.",
-         "One pile has {prev} / {n} = {E}{r} {Obj}."),
-        ("{Sc} shares {Poss} {Obj} equally among {n} {C} and keeps one of them.",
-         "Each of the {n} {C} gets {prev} / {n} = {E}{r} {Obj}, so {S} keeps {r}."),
+        (
+            "{Sc} splits {Poss} {Obj} into {n} equal piles and keeps only one pile.",
+            "One pile has {prev} / {n} = {E}{r} {Obj}.",
+        ),
+        (
+            "{Sc} shares {Poss} {Obj} equally among {n} {C} and keeps one of them.",
+            "Each of the {n} {C} gets {prev} / {n} = {E}{r} {Obj}, so {S} keeps {r}.",
+        ),
     ],
     ("money", "add"): [
         ("{Sc} earns ${n} {chore}.", "After earning ${n}, {S} has ${prev} + ${n} = ${E}{r}."),
@@ -132,12 +194,16 @@ STEPS = {
         ("Then {P} donates ${n} to charity.", "After donating ${n}, {S} has ${prev} - ${n} = ${E}{r}."),
     ],
     ("money", "mul"): [
-        ("By the end of the year, {Poss} money has grown to {n} times as much.",
-         "{Sc} now has {n} x ${prev} = ${E}{r}."),
+        (
+            "By the end of the year, {Poss} money has grown to {n} times as much.",
+            "{Sc} now has {n} x ${prev} = ${E}{r}.",
+        ),
     ],
     ("money", "div"): [
-        ("{Sc} splits {Poss} money equally into {n} envelopes and keeps one envelope.",
-         "One envelope holds ${prev} / {n} = ${E}{r}."),
+        (
+            "{Sc} splits {Poss} money equally into {n} envelopes and keeps one envelope.",
+            "One envelope holds ${prev} / {n} = ${E}{r}.",
+        ),
     ],
     ("shop", "add"): [
         ("A delivery brings {n} more {Obj}.", "After the delivery, {S} has {prev} + {n} = {E}{r} {Obj}."),
@@ -148,21 +214,34 @@ STEPS = {
         ("{Oth} buys {n} {Obj}.", "After {Oth}'s purchase, {S} has {prev} - {n} = {E}{r} {Obj}."),
     ],
     ("shop", "mul"): [
-        ("The owner restocks until there are {n} times as many {Obj}.", "{Sc} now has {prev} x {n} = {E}{r} {Obj}."),
+        (
+            "The owner restocks until there are {n} times as many {Obj}.",
+            "{Sc} now has {prev} x {n} = {E}{r} {Obj}.",
+        ),
     ],
     ("shop", "div"): [
-        ("{Sc} sends its {Obj} equally to {n} branches, keeping one share.",
-         "Each share is {prev} / {n} = {E}{r} {Obj}."),
+        (
+            "{Sc} sends its {Obj} equally to {n} branches, keeping one share.",
+            "Each share is {prev} / {n} = {E}{r} {Obj}.",
+        ),
     ],
 }
 QUESTIONS = {
-    "items": ["How many {Obj} does {S} have now?", "How many {Obj} does {S} end up with?",
-              "How many {Obj} does {S} have at the end?", "What is the number of {Obj} {S} has in the end?"],
+    "items": [
+        "How many {Obj} does {S} have now?",
+        "How many {Obj} does {S} end up with?",
+        "How many {Obj} does {S} have at the end?",
+        "What is the number of {Obj} {S} has in the end?",
+    ],
     "money": ["How many dollars does {S} have now?", "How much money, in dollars, does {S} have at the end?"],
     "shop": ["How many {Obj} does {S} have now?", "How many {Obj} are left at {S}?"],
 }
-OPS = {"add": ("+", lambda a, b: a + b), "sub": ("-", lambda a, b: a - b),
-       "mul": ("*", lambda a, b: a * b), "div": ("/", lambda a, b: a // b)}
+OPS = {
+    "add": ("+", lambda a, b: a + b),
+    "sub": ("-", lambda a, b: a - b),
+    "mul": ("*", lambda a, b: a * b),
+    "div": ("/", lambda a, b: a // b),
+}
 OP_WEIGHTS = {"add": 3, "sub": 3, "mul": 2, "div": 2}
 
 
@@ -170,7 +249,12 @@ def _scene(rng: random.Random) -> Scene:
     domain = rng.choice(["items", "items", "money", "shop"])
     (name, pron), (other, _) = rng.sample(NAMES, 2)
     poss = {"she": "her", "he": "his"}[pron]
-    common = {"Oth": other, "C": rng.choice(CONTAINERS), "chore": rng.choice(CHORES), "buy": rng.choice(PURCHASES)}
+    common = {
+        "Oth": other,
+        "C": rng.choice(CONTAINERS),
+        "chore": rng.choice(CHORES),
+        "buy": rng.choice(PURCHASES),
+    }
     if domain == "shop":
         shop, goods = rng.choice(SHOPS)
         return Scene(domain, f"the {shop}", f"The {shop}", "it", "It", "its", rng.choice(goods), **common)
@@ -231,13 +315,17 @@ def generate_problem(rng: random.Random, max_steps: int = 3, max_value: int = MA
     return {"question": " ".join(q_parts), "answer": "\n".join(s_parts) + f"\n#### {value}"}
 
 
-def _generate(n: int, rng: random.Random, max_steps: int, max_value: int, taken: set[str], split: str) -> list[dict]:
+def _generate(
+    n: int, rng: random.Random, max_steps: int, max_value: int, taken: set[str], split: str
+) -> list[dict]:
     rows, attempts = [], 0
     while len(rows) < n:
         attempts += 1
         if attempts > 50 * n + 1000:
-            raise MathptError(f"arith: could not generate {n} distinct {split} problems "
-                              f"(got {len(rows)}); lower n_{split} or raise max_steps or max_value")
+            raise MathptError(
+                f"arith: could not generate {n} distinct {split} problems "
+                f"(got {len(rows)}); lower n_{split} or raise max_steps or max_value"
+            )
         row = generate_problem(rng, max_steps, max_value)
         if row["question"] not in taken:
             taken.add(row["question"])
@@ -245,8 +333,9 @@ def _generate(n: int, rng: random.Random, max_steps: int, max_value: int, taken:
     return rows
 
 
-def generate_arith(n_train: int, n_test: int, seed: int, max_steps: int = 3,
-                   max_value: int = MAX_VALUE) -> dict[str, list[dict]]:
+def generate_arith(
+    n_train: int, n_test: int, seed: int, max_steps: int = 3, max_value: int = MAX_VALUE
+) -> dict[str, list[dict]]:
     """``{"train": rows, "test": rows}`` of raw GSM8K-format rows; deterministic in ``seed``.
 
     Test is drawn first from its own stream; train from another stream, skipping any question
@@ -255,7 +344,9 @@ def generate_arith(n_train: int, n_test: int, seed: int, max_steps: int = 3,
     if not isinstance(max_steps, int) or max_steps < 1:
         raise MathptError(f"arith: max_steps must be a positive integer, got {max_steps!r}")
     if not isinstance(max_value, int) or not MIN_MAX_VALUE <= max_value <= MAX_VALUE:
-        raise MathptError(f"arith: max_value must be an integer in [{MIN_MAX_VALUE}, {MAX_VALUE}], got {max_value!r}")
+        raise MathptError(
+            f"arith: max_value must be an integer in [{MIN_MAX_VALUE}, {MAX_VALUE}], got {max_value!r}"
+        )
     taken: set[str] = set()
     test = _generate(n_test, random.Random(f"arith-test-{seed}"), max_steps, max_value, taken, "test")
     train = _generate(n_train, random.Random(f"arith-train-{seed}"), max_steps, max_value, taken, "train")

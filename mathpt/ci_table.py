@@ -7,16 +7,24 @@ seed is an int (None for an unseeded model such as base). Model names in file na
 
 Seeds are paired by number (seed s of A with seed s of B: they share data order and, for PG
 variants started from SFT, the SFT init); an unseeded model is paired with every seed of the
-other. Each pairing gives a row; with two or more seeds a "pooled" row adds a hierarchical
-bootstrap (seeds, then problems). Rows hold what was scored and its provenance, so a CSV line
-is readable on its own.
+other. Each pairing gives a row whose interval is the paired bootstrap over test problems (it
+knows nothing of training-seed variance). With two or more seeds a "pooled" row adds a
+t-interval on the per-seed differences (df = n_seeds - 1, ``stats.compare_seeds``), the interval
+to cite: it keeps its coverage when seeds disagree, which a bootstrap over 3 seeds does not. The
+``ci_covers`` column says in words what each row's interval covers; with a single seed it says
+that between-seed variance is not covered. Rows hold what was scored and its provenance, so a CSV
+line is readable on its own.
 
 Multiple comparisons: Holm's adjustment runs over the declared family *within each seed group*
 (all rows with seed 0 form one family, seed 1 another, ..., the pooled rows another). Each seed
 is a replicate of the whole experiment, so its family is the set of questions asked of that
 replicate; pooling the seed rows into one family would count the same question several times.
-Per-seed rows with 0/1 scores are tested with exact McNemar; pooled rows and continuous scores
-with the bootstrap p (``p_method`` says which p was Holm-adjusted).
+Per-seed rows with 0/1 scores are tested with exact McNemar, continuous ones with the bootstrap p,
+pooled rows with the t-test p (``p_method`` says which p was Holm-adjusted).
+
+accuracy.csv also carries, per run, what the accuracy is made of (from the eval rows): the format
+rate (the style's answer format was found), the accuracy ignoring format (the final answer is right
+however it was written) and the truncated fraction (generation hit max_new_tokens).
 """
 
 from __future__ import annotations
@@ -26,47 +34,93 @@ import io
 import json
 import math
 import os
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from mathpt import stats
+from mathpt.algorithms import ALGOS, BASE, PG_ALGOS, model_name, parse_model_name
 from mathpt.io import MathptError, atomic_write_text
 
-BASE = "base"
-ALGOS = ("sft", "no_baseline", "reinforce_with_baseline", "grpo_clip")
-PG_ALGOS = ("no_baseline", "reinforce_with_baseline", "grpo_clip")
 META_KEYS = ("benchmark", "split", "scorer", "k_shot", "decoding", "code_version")
 
 CI_COLUMNS = [
-    "benchmark", "split", "n", "scorer", "k_shot", "decoding", "model_a", "model_b", "seed",
-    "acc_a", "acc_b", "diff", "ci_low", "ci_high", "ci_level", "ci_method", "se_paired", "se_boot", "corr",
-    "both_right", "only_a", "only_b", "both_wrong", "mcnemar_p", "boot_p", "p_method", "holm_p",
-    "n_resamples", "n_seeds", "bootstrap_seed", "code_version", "task_versions",
-]
-ACC_COLUMNS = [
-    "benchmark", "split", "n", "scorer", "k_shot", "decoding", "model", "seed", "acc", "ci_low", "ci_high",
-    "ci_level", "ci_method", "n_correct", "n_resamples", "n_seeds", "bootstrap_seed", "code_version",
+    "benchmark",
+    "split",
+    "n",
+    "scorer",
+    "k_shot",
+    "decoding",
+    "model_a",
+    "model_b",
+    "seed",
+    "acc_a",
+    "acc_b",
+    "diff",
+    "ci_low",
+    "ci_high",
+    "ci_level",
+    "ci_method",
+    "ci_df",
+    "ci_covers",
+    "se_paired",
+    "se_boot",
+    "se_seeds",
+    "corr",
+    "both_right",
+    "only_a",
+    "only_b",
+    "both_wrong",
+    "mcnemar_p",
+    "boot_p",
+    "t_p",
+    "p_method",
+    "holm_p",
+    "n_resamples",
+    "n_seeds",
+    "bootstrap_seed",
+    "code_version",
     "task_versions",
 ]
+ACC_COLUMNS = [
+    "benchmark",
+    "split",
+    "n",
+    "scorer",
+    "k_shot",
+    "decoding",
+    "model",
+    "seed",
+    "acc",
+    "ci_low",
+    "ci_high",
+    "ci_level",
+    "ci_method",
+    "ci_df",
+    "ci_covers",
+    "n_correct",
+    "acc_any_format",
+    "format_rate",
+    "truncated_fraction",
+    "mean_generated_tokens",
+    "n_resamples",
+    "n_seeds",
+    "bootstrap_seed",
+    "code_version",
+    "task_versions",
+]
+# What each kind of interval covers, in words, for the ci_covers column.
+COVERS_PROBLEMS = "test problems (this seed only)"
+COVERS_ONE_SEED = "test problems only: one training seed, so between-seed variance is NOT covered"
+COVERS_SEEDS = "training seeds: t over per-seed values, on these test problems"
+COVERS_UNSEEDED = "test problems (an untrained model: no training seed to vary)"
 REG_COLUMNS = ["task", "metric"] + [c for c in CI_COLUMNS if c not in ("benchmark", "scorer")]
 
 Runs = Mapping[str, Mapping[int | None, Any]]
 
 
 # ----------------------------------------------------------------------------- naming
-
-
-def model_name(algo: str, seed: int | None) -> str:
-    return algo if seed is None else f"{algo}-seed{seed}"
-
-
-def parse_model_name(name: str) -> tuple[str, int | None]:
-    """"grpo_clip-seed3" -> ("grpo_clip", 3); "base" -> ("base", None)."""
-    m = re.fullmatch(r"(.+)-seed(\d+)", name)
-    return (m.group(1), int(m.group(2))) if m else (name, None)
 
 
 def group_runs(named: Mapping[str, Any]) -> dict[str, dict[int | None, Any]]:
@@ -164,7 +218,9 @@ def _pairings(runs: Runs, a: str, b: str) -> list[tuple[int | None, int | None]]
     if b_un:
         return [(s, None) for s in sorted(sa)]
     if set(sa) != set(sb):
-        raise MathptError(f"{a} has seeds {sorted(sa)} but {b} has seeds {sorted(sb)}: seeds are paired by number")
+        raise MathptError(
+            f"{a} has seeds {sorted(sa)} but {b} has seeds {sorted(sb)}: seeds are paired by number"
+        )
     return [(s, s) for s in sorted(sa)]
 
 
@@ -172,14 +228,16 @@ def _apply_holm(rows: list[dict]) -> None:
     groups: dict[str, list[dict]] = {}
     for r in rows:
         groups.setdefault(str(r["seed"]), []).append(r)
+    p_key = {"mcnemar_exact": "mcnemar_p", "bootstrap": "boot_p", "t_seeds": "t_p"}
     for group in groups.values():
-        p = [r["mcnemar_p"] if r["p_method"] == "mcnemar_exact" else r["boot_p"] for r in group]
+        p = [r[p_key[r["p_method"]]] for r in group]
         for r, h in zip(group, stats.holm(p), strict=True):
             r["holm_p"] = float(h)
 
 
-def _comparison_rows(runs: Runs, reader, comparisons: Sequence[tuple[str, str]], n_resamples: int, seed: int,
-                     alpha: float) -> list[dict]:
+def _comparison_rows(
+    runs: Runs, reader, comparisons: Sequence[tuple[str, str]], n_resamples: int, seed: int, alpha: float
+) -> list[dict]:
     """Rows without meta columns or Holm: one per seed pairing (+ pooled) per comparison."""
     for a, b in comparisons:
         for m in (a, b):
@@ -188,37 +246,65 @@ def _comparison_rows(runs: Runs, reader, comparisons: Sequence[tuple[str, str]],
     keyed, matrix, keys = _load(runs, reader)
     pos = {k: i for i, k in enumerate(keys)}
     boot = stats.bootstrap_means(matrix, n_resamples, seed)
-    weights: dict[int, np.ndarray] = {}
     rows = []
     for a, b in comparisons:
         pairs = _pairings(runs, a, b)
-        base = {"model_a": a, "model_b": b, "n": matrix.shape[1], "ci_level": 1 - alpha,
-                "ci_method": "paired_bootstrap_percentile", "n_resamples": n_resamples, "bootstrap_seed": seed}
+        base = {
+            "model_a": a,
+            "model_b": b,
+            "n": matrix.shape[1],
+            "ci_level": 1 - alpha,
+            "ci_method": "paired_bootstrap_percentile",
+            "n_resamples": n_resamples,
+            "bootstrap_seed": seed,
+        }
+        covers = COVERS_PROBLEMS if len(pairs) >= 2 else COVERS_ONE_SEED
         for sa, sb in pairs:
             ia, ib = pos[(a, sa)], pos[(b, sb)]
             r = stats.compare_single(matrix[ia], matrix[ib], boot[ia], boot[ib], alpha)
             binary = stats.is_binary(matrix[ia]) and stats.is_binary(matrix[ib])
             s = sa if sa is not None else sb
-            rows.append({**base, "seed": "" if s is None else s, "n_seeds": 1,
-                         "p_method": "mcnemar_exact" if binary else "bootstrap", **r})
+            rows.append(
+                {
+                    **base,
+                    "seed": "" if s is None else s,
+                    "n_seeds": 1,
+                    "ci_covers": covers,
+                    "p_method": "mcnemar_exact" if binary else "bootstrap",
+                    **r,
+                }
+            )
         if len(pairs) >= 2:
             ia = [pos[(a, sa)] for sa, _ in pairs]
             ib = [pos[(b, sb)] for _, sb in pairs]
-            s = len(pairs)
-            if s not in weights:
-                weights[s] = stats.seed_resample_weights(s, n_resamples, seed)
-            r = stats.compare_pooled(matrix[ia], matrix[ib], boot[ia], boot[ib], weights[s], alpha)
-            rows.append({**base, "seed": "pooled", "n_seeds": s, "p_method": "bootstrap",
-                         "ci_method": "hierarchical_bootstrap_percentile", **r})
+            r = stats.compare_seeds(matrix[ia], matrix[ib], alpha)
+            rows.append(
+                {
+                    **base,
+                    "seed": "pooled",
+                    "n_seeds": len(pairs),
+                    "p_method": "t_seeds",
+                    "ci_method": "t_over_seeds",
+                    "ci_covers": COVERS_SEEDS,
+                    "n_resamples": None,
+                    **r,
+                }
+            )
     return rows
 
 
 # ----------------------------------------------------------------------------- public tables
 
 
-def build_ci_table(evals: Runs, out_csv: str | os.PathLike, meta: Mapping[str, Any], n_resamples: int = 10_000,
-                   seed: int = 0, comparisons: Sequence[tuple[str, str]] | None = None,
-                   alpha: float = stats.ALPHA) -> list[dict]:
+def build_ci_table(
+    evals: Runs,
+    out_csv: str | os.PathLike,
+    meta: Mapping[str, Any],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    comparisons: Sequence[tuple[str, str]] | None = None,
+    alpha: float = stats.ALPHA,
+) -> list[dict]:
     """Paired comparisons of eval files -> ``out_csv`` (see the module docstring for pairing/Holm).
 
     evals: {model: {seed: eval jsonl}} ("base": {None: path}); meta: benchmark, split, scorer,
@@ -237,10 +323,51 @@ def build_ci_table(evals: Runs, out_csv: str | os.PathLike, meta: Mapping[str, A
     return rows
 
 
-def build_accuracy_table(evals: Runs, out_csv: str | os.PathLike, meta: Mapping[str, Any],
-                         n_resamples: int = 10_000, seed: int = 0, alpha: float = stats.ALPHA) -> list[dict]:
-    """Per-run accuracy with a 95% CI (Wilson for 0/1 scores, bootstrap percentile otherwise), plus
-    a pooled row per model with two or more seeds (mean over seeds, hierarchical bootstrap CI)."""
+RATE_KEYS = {
+    "formatted": "format_rate",
+    "correct_any_format": "acc_any_format",
+    "truncated": "truncated_fraction",
+}
+
+
+def eval_rates(path: str | os.PathLike) -> dict[str, float]:
+    """Format rate, accuracy ignoring format, truncated fraction and mean length of one eval file."""
+    from mathpt.io import DataError, iter_jsonl_numbered
+
+    sums = dict.fromkeys([*RATE_KEYS, "generated_tokens"], 0.0)
+    n = 0
+    for lineno, row in iter_jsonl_numbered(path):
+        missing = [k for k in sums if k not in row]
+        if missing:
+            raise DataError(
+                f"{path}:{lineno}: eval row lacks {missing} (written by an older mathpt; rerun the eval)"
+            )
+        for k in sums:
+            v = row[k]
+            if k == "generated_tokens" and (isinstance(v, bool) or not isinstance(v, int)):
+                raise DataError(f"{path}:{lineno}: 'generated_tokens' must be an integer, got {v!r}")
+            if k != "generated_tokens" and not isinstance(v, bool):
+                raise DataError(f"{path}:{lineno}: {k!r} must be true or false, got {v!r}")
+            sums[k] += float(v)
+        n += 1
+    if not n:
+        raise DataError(f"{path}: no rows")
+    out = {RATE_KEYS[k]: sums[k] / n for k in RATE_KEYS}
+    out["mean_generated_tokens"] = sums["generated_tokens"] / n
+    return out
+
+
+def build_accuracy_table(
+    evals: Runs,
+    out_csv: str | os.PathLike,
+    meta: Mapping[str, Any],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    alpha: float = stats.ALPHA,
+) -> list[dict]:
+    """Per-run accuracy with a 95% CI (Wilson for 0/1 scores, bootstrap percentile otherwise) and
+    the eval rates (``eval_rates``), plus a pooled row per model with two or more seeds: the mean
+    over seeds with a t-interval over the per-seed accuracies (df = n_seeds - 1) and mean rates."""
     cols = _meta_cols(meta, META_KEYS)
     keyed, matrix, keys = _load(evals, stats.read_eval_scores)
     boot = stats.bootstrap_means(matrix, n_resamples, seed)
@@ -249,9 +376,12 @@ def build_accuracy_table(evals: Runs, out_csv: str | os.PathLike, meta: Mapping[
     common = {**cols, "n": n, "ci_level": 1 - alpha, "n_resamples": n_resamples, "bootstrap_seed": seed}
     for model in evals:
         idx = [i for i, k in enumerate(keys) if k[0] == model]
+        covers = COVERS_PROBLEMS if len(idx) >= 2 else COVERS_ONE_SEED
+        rates = []
         for i in idx:
             x = matrix[i]
             s = keys[i][1]
+            rates.append(eval_rates(evals[model][s]))
             if stats.is_binary(x):
                 k = int(x.sum())
                 lo, hi = stats.wilson_ci(k, n, alpha)
@@ -259,22 +389,52 @@ def build_accuracy_table(evals: Runs, out_csv: str | os.PathLike, meta: Mapping[
             else:
                 lo, hi = stats.percentile_ci(boot[i], alpha)
                 extra = {"ci_method": "bootstrap_percentile", "n_correct": None}
-            rows.append({**common, "model": model, "seed": "" if s is None else s, "acc": float(x.mean()),
-                         "ci_low": lo, "ci_high": hi, "n_seeds": 1, **extra})
+            rows.append(
+                {
+                    **common,
+                    "model": model,
+                    "seed": "" if s is None else s,
+                    "acc": float(x.mean()),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n_seeds": 1,
+                    **extra,
+                    **rates[-1],
+                    "ci_covers": COVERS_UNSEEDED if s is None else covers,
+                }
+            )
         if len(idx) >= 2:
-            w = stats.seed_resample_weights(len(idx), n_resamples, seed)
-            pooled = np.einsum("rs,sr->r", w, boot[idx])
-            lo, hi = stats.percentile_ci(pooled, alpha)
-            rows.append({**common, "model": model, "seed": "pooled", "acc": float(matrix[idx].mean()),
-                         "ci_low": lo, "ci_high": hi, "ci_method": "hierarchical_bootstrap_percentile",
-                         "n_correct": None, "n_seeds": len(idx)})
+            t = stats.seed_t_interval(matrix[idx].mean(1), alpha)
+            mean_rates = {k: float(np.mean([r[k] for r in rates])) for k in rates[0]}
+            rows.append(
+                {
+                    **common,
+                    "model": model,
+                    "seed": "pooled",
+                    "acc": t["mean"],
+                    "ci_low": t["ci_low"],
+                    "ci_high": t["ci_high"],
+                    "ci_df": t["df"],
+                    "ci_method": "t_over_seeds",
+                    "ci_covers": COVERS_SEEDS,
+                    "n_correct": None,
+                    "n_seeds": len(idx),
+                    "n_resamples": None,
+                    **mean_rates,
+                }
+            )
     write_csv(rows, out_csv, ACC_COLUMNS)
     return rows
 
 
-def build_regressions_table(per_doc: Mapping[str, Mapping[int | None, Mapping[str, Any]]],
-                            out_csv: str | os.PathLike, meta: Mapping[str, Any], n_resamples: int = 10_000,
-                            seed: int = 0, alpha: float = stats.ALPHA) -> list[dict]:
+def build_regressions_table(
+    per_doc: Mapping[str, Mapping[int | None, Mapping[str, Any]]],
+    out_csv: str | os.PathLike,
+    meta: Mapping[str, Any],
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    alpha: float = stats.ALPHA,
+) -> list[dict]:
     """lm-eval regression checks: each trained model vs base, per task, from per-doc score files.
 
     per_doc: {model: {seed: {task: per-doc jsonl}}} with rows {"doc_id", "score", "metric"}.

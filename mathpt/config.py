@@ -2,7 +2,8 @@
 
 Each Snakemake rule receives exactly the part of the config it depends on, as one canonical JSON
 string (sorted keys), so Snakemake's params trigger reruns exactly what a change affects and
-reordering keys in a YAML file reruns nothing (see DESIGN.md).
+reordering keys in a YAML file reruns nothing (docs/design.md, "Config slices"). Defaults live in
+config/schema.yaml only: validate_config fills them in, so code reads ``cfg["key"]`` directly.
 """
 
 from __future__ import annotations
@@ -15,23 +16,64 @@ from typing import Any
 
 import yaml
 
+from mathpt.algorithms import ALGOS, PG_ALGOS  # noqa: F401  (re-exported for callers)
 from mathpt.io import MathptError
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = REPO / "config" / "schema.yaml"
-PG_ALGOS = ("no_baseline", "reinforce_with_baseline", "grpo_clip")
-ALGOS = ("sft", *PG_ALGOS)
 
 
 class ConfigError(MathptError):
     """The config does not match the schema; the message names the key path."""
 
 
+def _resolve(node: dict, schema: dict) -> dict:
+    """``node`` with a local ``$ref`` (``#/$defs/x``) merged in; the node's own keys win."""
+    ref = node.get("$ref")
+    if not ref:
+        return node
+    target: Any = schema
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    return {**_resolve(target, schema), **{k: v for k, v in node.items() if k != "$ref"}}
+
+
+def apply_defaults(config: dict, schema: dict) -> dict:
+    """Fill in, in place, every absent key whose schema node has a ``default`` (recursively).
+
+    jsonschema validates but never fills defaults; this step makes the schema the one place a
+    default lives, so code reads ``cfg["key"]``. An absent object with a default (often ``{}``) is
+    created and then filled itself. Values of the wrong type are left alone for validation to name.
+    """
+
+    def fill(value: Any, node: dict) -> None:
+        node = _resolve(node, schema)
+        if not isinstance(value, dict):
+            return
+        for key, sub in node.get("properties", {}).items():
+            sub_r = _resolve(sub, schema)
+            if key not in value and "default" in sub_r:
+                value[key] = copy.deepcopy(sub_r["default"])
+            if key in value:
+                fill(value[key], sub_r)
+
+    fill(config, schema)
+    return config
+
+
+def load_schema(schema_path: str | os.PathLike = SCHEMA_PATH) -> dict:
+    return yaml.safe_load(Path(schema_path).read_text())
+
+
 def validate_config(config: dict, schema_path: str | os.PathLike = SCHEMA_PATH) -> None:
-    """Validate against the JSON schema; raise ConfigError naming every bad key path."""
+    """Fill the schema's defaults into ``config`` (in place), validate it against the JSON schema and
+    the cross-key rules; raise ConfigError naming every bad key path."""
     import jsonschema
 
-    schema = yaml.safe_load(Path(schema_path).read_text())
+    if not isinstance(config, dict):
+        raise ConfigError(f"invalid configuration: expected a mapping of keys, got {type(config).__name__}")
+    schema = load_schema(schema_path)
+    apply_defaults(config, schema)
     validator = jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
@@ -53,15 +95,30 @@ def _check_consistency(config: dict) -> None:
     for algo in PG_ALGOS:
         merged = pg_config(config, algo)
         if merged["rollout_batch_size"] % merged.get("minibatch_size", merged["rollout_batch_size"]):
-            raise ConfigError(f"config key 'train.{algo}.minibatch_size': must divide train.pg.rollout_batch_size")
+            raise ConfigError(
+                f"config key 'train.{algo}.minibatch_size': must divide train.pg.rollout_batch_size"
+            )
         if merged.get("minibatch_size", 1) % merged.get("microbatch_size", 1):
-            raise ConfigError(f"config key 'train.pg.microbatch_size': must divide the minibatch_size of {algo}")
+            raise ConfigError(
+                f"config key 'train.pg.microbatch_size': must divide the minibatch_size of {algo}"
+            )
     if config["model"]["kind"] == "pretrained" and not config["model"].get("path"):
         raise ConfigError("config key 'model.path': required when model.kind is 'pretrained'")
     if config["model"]["kind"] == "tiny" and not config["model"].get("tiny"):
         raise ConfigError("config key 'model.tiny': required when model.kind is 'tiny'")
     if config["train"]["pg_init"] == "sft" and "sft" not in config["train"]["algorithms"]:
         raise ConfigError("config key 'train.pg_init': 'sft' needs 'sft' in train.algorithms")
+    # The final eval must let a model say what training let it say: a response that grew under RL
+    # and is cut by a shorter eval budget counts as wrong, penalizing exactly the PG variants.
+    eval_budget = config["eval"]["gsm8k"]["max_new_tokens"]
+    for algo in (a for a in PG_ALGOS if a in config["train"]["algorithms"]):
+        pg_budget = pg_config(config, algo)["max_new_tokens"]
+        if eval_budget < pg_budget:
+            raise ConfigError(
+                f"config key 'eval.gsm8k.max_new_tokens': {eval_budget} is below train.pg.max_new_tokens "
+                f"({pg_budget}, as {algo} trains with it): responses that grew under RL would be truncated "
+                "and graded wrong; raise eval.gsm8k.max_new_tokens to at least the PG budget"
+            )
 
 
 def load_config(path: str | os.PathLike) -> dict:
@@ -77,7 +134,7 @@ def load_config(path: str | os.PathLike) -> dict:
 
 def gsm8k_local_dir(config: dict) -> str | None:
     """The local GSM8K directory: MATHPT_GSM8K_DIR wins over data.local_dir (resolved to absolute)."""
-    d = os.environ.get("MATHPT_GSM8K_DIR") or config["data"].get("local_dir")
+    d = os.environ.get("MATHPT_GSM8K_DIR") or config["data"]["local_dir"]
     return str(Path(d).resolve()) if d else None
 
 
@@ -94,7 +151,8 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
     style = c["prompt_style"]
     if rule == "data":
         d = c["data"]
-        d["local_dir"] = gsm8k_local_dir(c) if d["source"] == "local" else None
+        # The resolved directory is part of the slice: pointing MATHPT_GSM8K_DIR elsewhere reruns `data`.
+        d["local_dir"] = gsm8k_local_dir(c) if d["source"] in ("local", "auto") else None
         if d["source"] != "arith":
             d.pop("arith", None)
         return d
@@ -103,11 +161,19 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
     if rule == "traces":
         return {"teacher": c["teacher"], "prompt_style": style, "runtime": _engine_slice(c)}
     if rule == "tokenize":
-        return {"tokenize": c["tokenize"], "prompt_style": style, "keep": c["teacher"].get("keep", "all")}
+        return {"tokenize": c["tokenize"], "prompt_style": style, "keep": c["teacher"]["keep"]}
     if rule == "train":
         algo = wildcards["algo"]
-        common = {"algo": algo, "seed": int(wildcards["seed"]), "dtype": c["train"]["dtype"],
-                  "prompt_style": style, "runtime": c["runtime"]}
+        # experiment and wandb name and log the run: read by the job, so part of its slice.
+        common = {
+            "algo": algo,
+            "seed": int(wildcards["seed"]),
+            "dtype": c["train"]["dtype"],
+            "prompt_style": style,
+            "runtime": c["runtime"],
+            "experiment": c["experiment"],
+            "wandb": c["wandb"],
+        }
         if algo == "sft":
             return {**common, "sft": c["train"]["sft"]}
         return {**common, "pg": pg_config(c, algo), "pg_init": c["train"]["pg_init"]}
@@ -116,14 +182,39 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
     if rule == "eval_lm":
         return {"lm_eval": c["eval"]["lm_eval"], "runtime": _engine_slice(c)}
     if rule in ("ci_table", "regressions"):
-        return {"stats": c["stats"], "gsm8k": c["eval"]["gsm8k"], "lm_eval": c["eval"]["lm_eval"],
-                "prompt_style": style}
+        return {
+            "stats": c["stats"],
+            "gsm8k": c["eval"]["gsm8k"],
+            "lm_eval": c["eval"]["lm_eval"],
+            "prompt_style": style,
+        }
     raise KeyError(f"no config slice defined for rule {rule!r}")
+
+
+def engine_kwargs(runtime: dict, engine: str, *, raw_vllm: bool = False) -> dict:
+    """Inference-engine constructor arguments from a ``runtime`` block: the one place they are built.
+
+    ``max_model_len`` serves both engines; vLLM also gets ``gpu_memory_utilization``. mathpt's own
+    VLLMEngine reads that setting on CPU as a fraction of RAM; ``raw_vllm=True`` is for callers that
+    hand the arguments to ``vllm.LLM`` directly (lm-eval's vllm backend), so the translation is made here.
+    """
+    kwargs: dict[str, Any] = {"max_model_len": runtime["max_model_len"]}
+    if engine != "vllm":
+        return kwargs
+    if raw_vllm and runtime["layout"] == "cpu":
+        from mathpt.engines.vllm_engine import cpu_kv_cache_bytes
+
+        kwargs.update(
+            enforce_eager=True, kv_cache_memory_bytes=cpu_kv_cache_bytes(runtime["gpu_memory_utilization"])
+        )
+    else:
+        kwargs["gpu_memory_utilization"] = runtime["gpu_memory_utilization"]
+    return kwargs
 
 
 def _engine_slice(c: dict) -> dict:
     r = c["runtime"]
-    return {k: r.get(k) for k in ("layout", "engine", "gpu_memory_utilization", "max_model_len")}
+    return {k: r[k] for k in ("layout", "engine", "gpu_memory_utilization", "max_model_len")}
 
 
 def canonical(obj: Any) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from mathpt.algorithms import ALGOS, parse_model_name
 from mathpt.algorithms import label as algo_label
+from mathpt.io import atomic_save_figure
 from mathpt.tracking import read_metrics
 
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -42,7 +43,9 @@ def _style(runs: list[str]) -> dict[str, dict]:
     color = {a: colors[i % len(colors)] for i, a in enumerate(algos)}
     seen: dict[str, int] = {}
     out = {}
-    for run in sorted(runs, key=lambda r: (algos.index(parse_model_name(r)[0]), parse_model_name(r)[1] or 0, r)):
+    for run in sorted(
+        runs, key=lambda r: (algos.index(parse_model_name(r)[0]), parse_model_name(r)[1] or 0, r)
+    ):
         algo = parse_model_name(run)[0]
         i = seen.get(algo, 0)
         seen[algo] = i + 1
@@ -50,8 +53,18 @@ def _style(runs: list[str]) -> dict[str, dict]:
     return out
 
 
-def _plot_panel(ax, data: Mapping[str, list[dict]], styles: dict, kind: str, key: str, title: str,
-                ylabel: str, *, marker: str | None = None, extra: tuple[str, str] | None = None) -> None:
+def _plot_panel(
+    ax,
+    data: Mapping[str, list[dict]],
+    styles: dict,
+    kind: str,
+    key: str,
+    title: str,
+    ylabel: str,
+    *,
+    marker: str | None = None,
+    extra: tuple[str, str] | None = None,
+) -> None:
     """One panel: ``key`` of ``kind`` rows for every run; ``extra=(key, suffix)`` adds a thin second line."""
     drawn = False
     for run, rows in data.items():
@@ -73,15 +86,18 @@ def _plot_panel(ax, data: Mapping[str, list[dict]], styles: dict, kind: str, key
         ax.legend(fontsize="x-small")
         ax.grid(alpha=0.3)
     else:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, fontsize=14,
-                color="gray")
+        ax.text(
+            0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, fontsize=14, color="gray"
+        )
         ax.set_xticks([])
         ax.set_yticks([])
 
 
 def _sorted_algos(runs) -> list[str]:
-    return sorted({parse_model_name(r)[0] for r in runs},
-                  key=lambda a: (ALGOS.index(a) if a in ALGOS else len(ALGOS), a))
+    return sorted(
+        {parse_model_name(r)[0] for r in runs},
+        key=lambda a: (ALGOS.index(a) if a in ALGOS else len(ALGOS), a),
+    )
 
 
 def make_figures(data: Mapping[str, list[dict]]) -> dict:
@@ -111,16 +127,25 @@ def make_figures(data: Mapping[str, list[dict]]) -> dict:
     figs["loss_entropy"] = fig
 
     fig, ax = plt.subplots(1, 1, figsize=(8, 4.5))
-    _plot_panel(ax, data, styles, "train", "response_length_mean", "Response length (thin: max)", "tokens",
-                extra=("response_length_max", "max"))
+    _plot_panel(
+        ax,
+        data,
+        styles,
+        "train",
+        "response_length_mean",
+        "Response length (thin: max)",
+        "tokens",
+        extra=("response_length_max", "max"),
+    )
     figs["response_length"] = fig
     for fig in figs.values():
         fig.tight_layout()
     return figs
 
 
-def plot_training_curves(metrics: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike,
-                         dpi: int = 120) -> dict[str, Path]:
+def plot_training_curves(
+    metrics: Mapping[str, str | os.PathLike], out_dir: str | os.PathLike, dpi: int = 120
+) -> dict[str, Path]:
     """Render the three training-curve PNGs into ``out_dir``; returns ``{figure name: png path}``.
 
     ``metrics`` maps run names (``"{algo}-seed{seed}"``) to their ``metrics.jsonl``. A missing file
@@ -136,10 +161,6 @@ def plot_training_curves(metrics: Mapping[str, str | os.PathLike], out_dir: str 
     data = {run: read_metrics(path) for run, path in metrics.items()}
     paths: dict[str, Path] = {}
     for name, fig in make_figures(data).items():
-        path = out_dir / f"{name}.png"
-        tmp = path.with_name(f".{path.name}.tmp.png")  # atomic: a killed job leaves no half PNG
-        fig.savefig(tmp, dpi=dpi)
+        paths[name] = atomic_save_figure(fig, out_dir / f"{name}.png", dpi=dpi)
         plt.close(fig)
-        os.replace(tmp, path)
-        paths[name] = path
     return paths

@@ -11,8 +11,12 @@ import warnings
 
 import torch
 
+from mathpt.algorithms import PG_ALGOS
 
-def tokenize_prompt_and_output(prompt_strs: list[str], output_strs: list[str], tokenizer) -> dict[str, torch.Tensor]:
+
+def tokenize_prompt_and_output(
+    prompt_strs: list[str], output_strs: list[str], tokenizer
+) -> dict[str, torch.Tensor]:
     """Tokenize prompt and output separately, concatenate, right-pad, and shift by one.
 
     Returns ``input_ids`` = concat[:-1], ``labels`` = concat[1:] and ``response_mask`` (bool), each
@@ -122,7 +126,9 @@ def _bwd_block(z, m, log_s, ent, g_lp, g_ent, idx, out_dtype: torch.dtype, acc: 
     else:
         dz = -p * (gl + g_ent.to(acc).unsqueeze(-1) * (logp + ent.unsqueeze(-1)))
     cols = torch.arange(z.shape[-1], device=z.device)
-    dz = dz + torch.where(cols.unsqueeze(0) == idx.unsqueeze(-1), gl, torch.zeros((), dtype=acc, device=z.device))
+    dz = dz + torch.where(
+        cols.unsqueeze(0) == idx.unsqueeze(-1), gl, torch.zeros((), dtype=acc, device=z.device)
+    )
     return dz.to(out_dtype)
 
 
@@ -138,7 +144,9 @@ def _with_fallback(compiled, eager, device_type: str):
         try:
             return compiled(*args)
         except Exception as exc:  # the block functions are pure, so rerunning eagerly is safe
-            warnings.warn(f"compiling the chunked log-prob kernels failed ({exc!r}); running them eagerly", stacklevel=2)
+            warnings.warn(
+                f"compiling the chunked log-prob kernels failed ({exc!r}); running them eagerly", stacklevel=2
+            )
             _KERNELS[device_type] = (_fwd_block, _bwd_block)
             return eager(*args)
 
@@ -191,7 +199,9 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
                 for r0 in range(0, n, rb):
                     rows = slice(r0, min(n, r0 + rb))
                     z = _block_logits(hc, w, b, rows, v0, v1)
-                    m[rows], s[rows], t[rows], zl[rows] = fwd(z, m[rows], s[rows], t[rows], zl[rows], labels[rows] - v0, acc)
+                    m[rows], s[rows], t[rows], zl[rows] = fwd(
+                        z, m[rows], s[rows], t[rows], zl[rows], labels[rows] - v0, acc
+                    )
                     del z
         log_s = torch.log(s)
         logp = zl - m - log_s
@@ -225,14 +235,25 @@ class _ChunkedLinearLogProbs(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for v0 in range(0, vocab, cb):
                 v1 = min(vocab, v0 + cb)
-                gw_acc = None if single or not need_w else torch.zeros((v1 - v0, h.shape[1]), dtype=acc, device=h.device)
+                gw_acc = (
+                    None
+                    if single or not need_w
+                    else torch.zeros((v1 - v0, h.shape[1]), dtype=acc, device=h.device)
+                )
                 gb_acc = torch.zeros((v1 - v0,), dtype=acc, device=h.device) if need_b else None
                 for r0 in range(0, n, rb):
                     rows = slice(r0, min(n, r0 + rb))
                     z = _block_logits(hc, w, b, rows, v0, v1)
                     dzc = bwd(
-                        z, m[rows], log_s[rows], ent[rows], g_lp[rows],
-                        None if g_ent is None else g_ent[rows], labels[rows] - v0, cdt, acc,
+                        z,
+                        m[rows],
+                        log_s[rows],
+                        ent[rows],
+                        g_lp[rows],
+                        None if g_ent is None else g_ent[rows],
+                        labels[rows] - v0,
+                        cdt,
+                        acc,
                     )
                     del z
                     if g_h is not None:
@@ -285,7 +306,9 @@ def _body_and_head(model):
         return None
     cfg = getattr(model, "config", None)
     # Heads that transform logits after the projection need the model's own forward.
-    if cfg is not None and (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)):
+    if cfg is not None and (
+        getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)
+    ):
         return None
     return body, head
 
@@ -298,6 +321,7 @@ def get_response_log_probs(
     attention_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     position_ids: torch.Tensor | None = None,
+    attn_kwargs: dict | None = None,
 ) -> dict[str, torch.Tensor]:
     """``log_probs`` (B, T) of ``labels`` under ``model`` given ``input_ids`` [+ ``token_entropy``].
 
@@ -306,10 +330,12 @@ def get_response_log_probs(
     backward materializes (B, T, V) fp32 logits. Models without ``.model``/``.lm_head`` fall back to
     ``model(...).logits``. For right-padded batches no attention mask is needed (causal attention
     never lets a real token see the padding after it); pass one for left padding. ``position_ids``
-    lets callers pack several sequences into one row (positions restart at 0 per sequence).
+    lets callers pack several sequences into one row (positions restart at 0 per sequence);
+    ``attn_kwargs`` reach the attention function (the sequence boundaries of a packed row, see
+    ``mathpt.train.packing``).
     """
     parts = _body_and_head(model)
-    kwargs = {}
+    kwargs = dict(attn_kwargs or {})
     if attention_mask is not None:
         kwargs["attention_mask"] = attention_mask
     if position_ids is not None:
@@ -324,7 +350,12 @@ def get_response_log_probs(
     body, head = parts
     hidden = body(input_ids=input_ids, use_cache=False, **kwargs).last_hidden_state
     return chunked_log_probs_from_hidden(
-        hidden, head.weight, labels, head.bias, chunk_size=chunk_size, return_token_entropy=return_token_entropy
+        hidden,
+        head.weight,
+        labels,
+        head.bias,
+        chunk_size=chunk_size,
+        return_token_entropy=return_token_entropy,
     )
 
 
@@ -469,8 +500,60 @@ def compute_grpo_clip_loss(
     return loss, {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
 
 
-LOSS_TYPES = ("no_baseline", "reinforce_with_baseline", "grpo_clip")
+LOSS_TYPES = PG_ALGOS  # one loss per policy-gradient algorithm of the registry
 LOSS_AGGREGATIONS = ("seq_mean", "token_mean", "sum_norm")
+OFF_POLICY_CORRECTIONS = ("none", "tis")
+
+
+def compute_tis_weights(
+    old_log_probs: torch.Tensor, sampler_log_probs: torch.Tensor, cap: float
+) -> torch.Tensor:
+    """Truncated importance-sampling weights min(pi_old / pi_sampler, cap), detached.
+
+    ``old_log_probs``: the trainer's log-probs of the sampled tokens under the weights that
+    generated them; ``sampler_log_probs``: the inference engine's own log-probs of the same tokens.
+    Both policies hold the same weights, so the ratio corrects only the engine-vs-trainer numerical
+    mismatch (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL";
+    verl's ``tis_imp_ratio_cap``). The cap bounds the variance a rare over-sampled token can add.
+    """
+    if cap <= 0:
+        raise ValueError(f"tis cap must be > 0, got {cap}")
+    logr = old_log_probs.detach() - sampler_log_probs.detach().to(old_log_probs.dtype)
+    return torch.exp(logr).clamp(max=cap)
+
+
+def policy_drift_sums(
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    advantages: torch.Tensor,
+    cliprange: float,
+) -> dict[str, torch.Tensor]:
+    """Sums over response tokens of how far pi_theta is from pi_old (detached; add them up over
+    microbatches, divide by ``tokens``).
+
+    ``abs_gap``: |log pi_theta - log pi_old|; ``abs_gap_max``: its max; ``k3``: Schulman's k3
+    estimator of KL(pi_old || pi_theta), (r - 1) - log r with r = pi_theta / pi_old (unbiased,
+    >= 0); ``clipped``: tokens where GRPO-clip's clipped term is the smaller one (the gradient is
+    cut), computed for every variant so the drift is comparable; ``ratio``, ``ratio_min/max``.
+    """
+    mask = response_mask.bool()
+    logr = (policy_log_probs.detach() - old_log_probs.to(policy_log_probs.dtype)).double()
+    ratio = torch.exp(logr)
+    adv = advantages.to(ratio.dtype)
+    zero = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * adv < ratio * adv
+    has = bool(mask.any())
+    return {
+        "tokens": mask.sum().double(),
+        "abs_gap": torch.where(mask, logr.abs(), zero).sum(),
+        "abs_gap_max": torch.where(mask, logr.abs(), zero).max() if has else zero,
+        "k3": torch.where(mask, (ratio - 1) - logr, zero).sum(),
+        "clipped": (clipped & mask).sum().double(),
+        "ratio": torch.where(mask, ratio, zero).sum(),
+        "ratio_min": torch.where(mask, ratio, torch.inf).min() if has else zero + 1,
+        "ratio_max": torch.where(mask, ratio, -torch.inf).max() if has else zero + 1,
+    }
 
 
 def compute_policy_gradient_loss(
@@ -532,16 +615,21 @@ def grpo_microbatch_train_step(
     cliprange: float | None = None,
     loss_aggregation: str = "seq_mean",
     normalize_constant: float | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss of one microbatch, / ``gradient_accumulation_steps``, backpropagated.
 
     Default aggregation is CS336's (per-sequence masked mean, then batch mean); see
-    ``aggregate_loss`` for the others. metadata holds detached scalars for logging: for grpo_clip
-    ``clip_fraction`` (over response tokens) and ratio mean/min/max, plus the per-token tensors.
+    ``aggregate_loss`` for the others. ``token_weights`` (B, T), e.g. ``compute_tis_weights``,
+    multiply the per-token loss as constants before aggregation. metadata holds detached scalars
+    for logging: for grpo_clip ``clip_fraction`` (over response tokens) and ratio mean/min/max,
+    plus the per-token tensors.
     """
     per_token, meta = compute_policy_gradient_loss(
         policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
     )
+    if token_weights is not None:
+        per_token = per_token * token_weights.detach().to(per_token.dtype)
     loss = aggregate_loss(per_token, response_mask, loss_aggregation, normalize_constant)
     loss = loss / gradient_accumulation_steps
     loss.backward()

@@ -1,8 +1,10 @@
-"""Pin each GPU job to its own GPUs.
+"""Pin each GPU job to its own GPUs, within the GPUs the scheduler gave it.
 
 Snakemake's ``resources: gpu=N`` only limits how many GPUs run jobs at once; it does not say which.
-Each job claims free GPU indices with non-blocking ``flock`` on per-GPU lock files and sets
-``CUDA_VISIBLE_DEVICES``, so concurrent jobs never share a GPU by accident.
+Each job claims free GPU ids with non-blocking ``flock`` on per-GPU lock files and sets
+``CUDA_VISIBLE_DEVICES``, so concurrent jobs never share a GPU by accident. When
+``CUDA_VISIBLE_DEVICES`` is already set (by SLURM's ``--gpus``, a container or the user), only the
+GPUs it lists are candidates: a job never takes a GPU it was not given.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -19,8 +22,12 @@ from pathlib import Path
 from mathpt.io import MathptError
 
 
-def visible_gpu_count() -> int:
-    """Number of GPUs on this machine, without initializing CUDA in this process."""
+def physical_gpu_count() -> int:
+    """GPUs this process can see through the driver (nvidia-smi -L), without initializing CUDA here.
+
+    ``MATHPT_NUM_GPUS`` overrides the count (machines without nvidia-smi, tests). Under SLURM with
+    device cgroups, nvidia-smi lists only the job's GPUs, numbered from 0 like CUDA_VISIBLE_DEVICES.
+    """
     env = os.environ.get("MATHPT_NUM_GPUS")
     if env is not None:
         return int(env)
@@ -31,39 +38,98 @@ def visible_gpu_count() -> int:
     return sum(1 for line in out.splitlines() if line.startswith("GPU "))
 
 
+def visible_gpus() -> list[str]:
+    """The GPU ids a job may use: CUDA_VISIBLE_DEVICES's entries when it is set, else 0..N-1.
+
+    CUDA's own reading of the variable: entries are indices or ``GPU-``/``MIG-`` UUIDs, and the list
+    ends at the first entry that names no GPU (so ``""`` and ``"-1"`` mean none).
+    """
+    total = physical_gpu_count()
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is None:
+        return [str(i) for i in range(total)]
+    ids: list[str] = []
+    for entry in (e.strip() for e in env.split(",")):
+        ok = (entry.isdigit() and int(entry) < total) or (total > 0 and re.match(r"^(GPU|MIG)-", entry))
+        if not ok or entry in ids:
+            break
+        ids.append(entry)
+    return ids
+
+
+def visible_gpu_count() -> int:
+    """Number of GPUs a job may use (see ``visible_gpus``)."""
+    return len(visible_gpus())
+
+
+def _no_gpus_message(n: int, ids: list[str]) -> str:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    seen = f"nvidia-smi -L lists {physical_gpu_count()}"
+    if env is not None:
+        seen += f", CUDA_VISIBLE_DEVICES={env!r} (set by the scheduler, a container or you) leaves {len(ids)}"
+    hint = (
+        "with runtime.layout cpu no rule asks for a GPU; on SLURM a rule's gpu=N becomes --gpus=N, so "
+        "run GPU rules on a GPU partition (MATHPT_SLURM_GPU_PARTITION, profiles/slurm)"
+    )
+    return (
+        f"this job needs {n} GPU(s) (config runtime.layout) but only {len(ids)} are visible: {seen}; {hint}"
+    )
+
+
+def _lock_dir(lock_dir: str | os.PathLike | None) -> Path:
+    """Lock files live here; a SLURM job's GPUs are its own, and their ids may be renumbered from 0 in
+    every job, so each SLURM job locks in its own subdirectory."""
+    base = Path(lock_dir or os.environ.get("MATHPT_GPU_LOCK_DIR", tempfile.gettempdir()))
+    job = os.environ.get("SLURM_JOB_ID")
+    return base / f"slurm-{job}" if job else base
+
+
 @contextlib.contextmanager
-def claim_gpus(n: int, lock_dir: str | os.PathLike | None = None, timeout_s: float = 600) -> Iterator[list[int]]:
-    """Claim ``n`` GPUs (flock), export CUDA_VISIBLE_DEVICES, release on exit. ``n == 0`` is a no-op."""
+def claim_gpus(
+    n: int, lock_dir: str | os.PathLike | None = None, timeout_s: float = 600
+) -> Iterator[list[str]]:
+    """Claim ``n`` of the visible GPUs (flock), export CUDA_VISIBLE_DEVICES; release and restore on exit.
+
+    ``n == 0`` is a no-op. Fails at once when fewer than ``n`` GPUs are visible; waits up to
+    ``timeout_s`` only for GPUs that exist but other jobs hold. Yields the claimed ids as strings.
+    """
     if n == 0:
         yield []
         return
-    total = visible_gpu_count()
-    if total < n:
-        raise MathptError(f"this job needs {n} GPU(s) but {total} are visible (nvidia-smi -L)")
-    lock_dir = Path(lock_dir or os.environ.get("MATHPT_GPU_LOCK_DIR", tempfile.gettempdir()))
+    ids = visible_gpus()
+    if len(ids) < n:
+        raise MathptError(_no_gpus_message(n, ids))
+    lock_dir = _lock_dir(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
     deadline = time.monotonic() + timeout_s
-    held: list[tuple[int, int]] = []
+    held: list[tuple[str, int]] = []
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
     try:
         while len(held) < n:
-            for i in range(total):
-                if len(held) == n or any(i == g for g, _ in held):
+            for gpu in ids:
+                if len(held) == n or any(gpu == g for g, _ in held):
                     continue
-                fd = os.open(lock_dir / f"mathpt-gpu-{i}.lock", os.O_CREAT | os.O_RDWR)
+                fd = os.open(lock_dir / f"mathpt-gpu-{gpu}.lock", os.O_CREAT | os.O_RDWR)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    held.append((i, fd))
+                    held.append((gpu, fd))
                 except BlockingIOError:
                     os.close(fd)
             if len(held) < n:
                 if time.monotonic() > deadline:
-                    raise MathptError(f"could not claim {n} free GPU(s) within {timeout_s:.0f} s; "
-                                      "run snakemake with --resources gpu=<number of GPUs>")
+                    raise MathptError(
+                        f"could not claim {n} free GPU(s) of {','.join(ids)} within {timeout_s:.0f} s; "
+                        "run snakemake with --resources gpu=<number of GPUs>"
+                    )
                 time.sleep(1.0)
         gpus = [g for g, _ in held]
-        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(gpus)
         yield gpus
     finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
         for _, fd in held:
             with contextlib.suppress(OSError):
                 fcntl.flock(fd, fcntl.LOCK_UN)

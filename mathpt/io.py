@@ -43,6 +43,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
+def atomic_save_figure(fig, path: str | os.PathLike, dpi: int = 120, **savefig_kwargs: Any) -> Path:
+    """Save a matplotlib figure as PNG atomically (a killed job leaves no half-written image)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, **savefig_kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=True, default=str) + "\n")
 
@@ -52,13 +68,19 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def iter_jsonl_numbered(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line number, object)`` for each non-blank line; DataError names ``path:line``."""
+def iter_jsonl_numbered(path: str | os.PathLike, skip_torn_tail: bool = False) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line number, object)`` for each non-blank line; DataError names ``path:line``.
+
+    The one JSONL reader. ``skip_torn_tail``: an unterminated last line is a write in progress (or
+    one cut by a crash) in a file that is appended to, and is skipped rather than an error.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
+            if skip_torn_tail and not line.endswith("\n"):
+                return
             if not line.strip():
                 continue
             try:

@@ -101,7 +101,9 @@ def load_tokenizer(path: str | os.PathLike):
     return tok
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(
+    path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
@@ -122,8 +124,11 @@ def materialize_base_model(cfg: dict, train_path: str | os.PathLike, out_dir: st
             # Both prompt templates are part of the corpus so the tiny tokenizer merges their words too.
             from mathpt.prompts import STYLES, format_prompt
 
-            texts = [format_prompt(r["question"], s) + f"{r['solution']}\n{r['answer']}"
-                     for r in rows[:n] for s in STYLES]
+            texts = [
+                format_prompt(r["question"], s) + f"{r['solution']}\n{r['answer']}"
+                for r in rows[:n]
+                for s in STYLES
+            ]
             build_tiny_model(texts, tmp, tiny)
         else:
             path = cfg["path"]
@@ -131,8 +136,10 @@ def materialize_base_model(cfg: dict, train_path: str | os.PathLike, out_dir: st
                 model = load_model(path)
                 tokenizer = load_tokenizer(path)
             except OSError as e:
-                raise MathptError(f"model.path {path!r}: cannot load it as a local directory or hub id "
-                                  f"(offline? set HF_HUB_OFFLINE=0 or point model.path at a local copy): {e}") from None
+                raise MathptError(
+                    f"model.path {path!r}: cannot load it as a local directory or hub id "
+                    f"(offline? set HF_HUB_OFFLINE=0 or point model.path at a local copy): {e}"
+                ) from None
             save_model(model, tokenizer, tmp)
         write_provenance(tmp / "provenance.json", cfg, [train_path])
     return Path(out_dir)

@@ -1,7 +1,7 @@
 """AdamW with fp32 master weights for models that compute in bf16.
 
 A bf16 weight has 8 significant bits: an update smaller than ~1/256 of the weight rounds away, so
-pure-bf16 AdamW at lr 1e-6 leaves almost every weight unchanged (DESIGN.md measured 1.9% moved).
+pure-bf16 AdamW at lr 1e-6 leaves almost every weight unchanged (docs/design.md: 1.9% moved).
 ``MasterWeightAdamW`` keeps an fp32 copy of each low-precision parameter, runs torch's own AdamW
 (fused on CUDA) on the copies and writes them back rounded to bf16, so the model still runs in bf16
 (half the memory traffic of fp32 weights) while updates accumulate exactly.
@@ -43,8 +43,23 @@ def _triton_kernel():
             return None
 
         @triton.jit
-        def kernel(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, scale_ptr, n, lr, beta1, beta2, eps, decay,
-                   step_size, bc2_sqrt, BLOCK: tl.constexpr):
+        def kernel(
+            p_ptr,
+            g_ptr,
+            w_ptr,
+            m_ptr,
+            v_ptr,
+            scale_ptr,
+            n,
+            lr,
+            beta1,
+            beta2,
+            eps,
+            decay,
+            step_size,
+            bc2_sqrt,
+            BLOCK: tl.constexpr,
+        ):
             offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
             mask = offs < n
             g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * tl.load(scale_ptr)
@@ -93,10 +108,14 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             inner_groups.append({"params": masters, **{k: group[k] for k in _HYPER}})
         flat = [m for ms in self.masters for m in ms]
         use_fused = _use_fused(flat) if fused is None else fused
-        self.inner = torch.optim.AdamW(inner_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=use_fused or None)
+        self.inner = torch.optim.AdamW(
+            inner_groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=use_fused or None
+        )
         # One-pass Triton kernel on CUDA for the low-precision params (fp32 ones use torch's AdamW).
         # MATHPT_MASTER_KERNEL=0 turns it off.
-        flag = os.environ.get("MATHPT_MASTER_KERNEL", "1")  # "force": also off CUDA (TRITON_INTERPRET=1 tests)
+        flag = os.environ.get(
+            "MATHPT_MASTER_KERNEL", "1"
+        )  # "force": also off CUDA (TRITON_INTERPRET=1 tests)
         low = [p for g in self.param_groups for p in g["params"] if p.dtype != torch.float32]
         self.use_kernel = (
             flag != "0"
@@ -134,7 +153,9 @@ class MasterWeightAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         scale, self._grad_scale = self._grad_scale, None
-        for group, inner_group, masters in zip(self.param_groups, self.inner.param_groups, self.masters, strict=True):
+        for group, inner_group, masters in zip(
+            self.param_groups, self.inner.param_groups, self.masters, strict=True
+        ):
             for k in _HYPER:  # schedulers change self.param_groups; the inner AdamW must follow
                 inner_group[k] = group[k]
             for p, m in zip(group["params"], masters, strict=True):
@@ -147,7 +168,11 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 m.grad = None if p.grad is None else p.grad.to(torch.float32)
         if self.use_kernel:
             # fp32 params, if any, still go through torch's AdamW
-            if any(m is p and p.grad is not None for g, ms in zip(self.param_groups, self.masters, strict=True) for p, m in zip(g["params"], ms, strict=True)):
+            if any(
+                m is p and p.grad is not None
+                for g, ms in zip(self.param_groups, self.masters, strict=True)
+                for p, m in zip(g["params"], ms, strict=True)
+            ):
                 self.inner.step()
             return loss
         self.inner.step()
@@ -179,8 +204,21 @@ class MasterWeightAdamW(torch.optim.Optimizer):
         block = 4096
         grad = p.grad if p.grad.is_contiguous() else p.grad.contiguous()
         _triton_kernel()[(triton_cdiv(n, block),)](
-            p, grad, m, st["exp_avg"], st["exp_avg_sq"], scale, n, lr, b1, b2, eps, 1.0 - lr * wd,
-            lr / (1.0 - b1**step), math.sqrt(1.0 - b2**step), BLOCK=block,
+            p,
+            grad,
+            m,
+            st["exp_avg"],
+            st["exp_avg_sq"],
+            scale,
+            n,
+            lr,
+            b1,
+            b2,
+            eps,
+            1.0 - lr * wd,
+            lr / (1.0 - b1**step),
+            math.sqrt(1.0 - b2**step),
+            BLOCK=block,
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -228,7 +266,11 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
         seen.add(id(p))
         (decay if p.ndim >= 2 else no_decay).append(p)
     wd = float(_cfg_get(cfg, "weight_decay", 0.0))
-    groups = [g for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    groups = [
+        g
+        for g in ({"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0})
+        if g["params"]
+    ]
     kw = {
         "lr": float(_cfg_get(cfg, "lr", 1e-5)),
         "betas": tuple(float(b) for b in _cfg_get(cfg, "betas", (0.9, 0.999))),

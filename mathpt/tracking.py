@@ -1,4 +1,4 @@
-"""Experiment tracking: a local ``metrics.jsonl`` per run, mirrored to Weights & Biases, and progress bars.
+"""Experiment tracking: a local ``metrics.jsonl`` per run, mirrored to Weights & Biases.
 
 ``metrics.jsonl`` is the source of truth (curves and the report read it; nothing depends on W&B).
 Rows are ``{"kind": "train"|"eval", "step": int, "time": unix seconds, <metric>: number|null}``;
@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import threading
 import time
 import uuid
@@ -31,7 +30,14 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from mathpt.io import DataError, MathptError, atomic_write_json, atomic_write_text, read_json
+from mathpt.io import (
+    DataError,
+    MathptError,
+    atomic_write_json,
+    atomic_write_text,
+    iter_jsonl_numbered,
+    read_json,
+)
 from mathpt.secrets import scrub
 
 METRICS_FILE = "metrics.jsonl"
@@ -42,11 +48,25 @@ RESERVED_KEYS = ("kind", "step", "time")
 # Metric names the trainers log each optimizer step (documented here so trainers, curves and the
 # report agree). Any other numeric key is accepted too.
 TRAIN_METRICS = (
-    "loss", "lr", "grad_norm",
-    "reward_mean", "reward_std", "format_reward", "answer_reward",
-    "entropy", "clip_fraction", "ratio_mean", "ratio_min", "ratio_max",
-    "response_length_mean", "response_length_max", "truncated_fraction",
-    "tokens_per_s", "handoff_s", "generation_s", "trainer_idle_s",
+    "loss",
+    "lr",
+    "grad_norm",
+    "reward_mean",
+    "reward_std",
+    "format_reward",
+    "answer_reward",
+    "entropy",
+    "clip_fraction",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "response_length_mean",
+    "response_length_max",
+    "truncated_fraction",
+    "tokens_per_s",
+    "handoff_s",
+    "generation_s",
+    "trainer_idle_s",
 )
 # Eval metrics, keyed by the step of the evaluated weights: "accuracy" is validation accuracy.
 EVAL_METRICS = ("accuracy", "format_rate", "response_length_mean", "truncated_fraction")
@@ -62,8 +82,10 @@ def _number(key: str, value: Any) -> float | int | None:
         try:
             value = value.item()
         except (ValueError, RuntimeError):
-            raise MathptError(f"metric {key!r}: expected a scalar, got {type(value).__name__} "
-                              f"with shape {getattr(value, 'shape', '?')}") from None
+            raise MathptError(
+                f"metric {key!r}: expected a scalar, got {type(value).__name__} "
+                f"with shape {getattr(value, 'shape', '?')}"
+            ) from None
     if isinstance(value, bool):
         return int(value)
     if isinstance(value, int):
@@ -79,22 +101,9 @@ def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict]
     An unterminated last line is a write in progress (or cut by a crash) and is skipped; any other
     malformed line raises DataError naming ``file:line``.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
-    lines = text.split("\n")
-    if lines and lines[-1] != "":
-        lines = lines[:-1]  # torn tail
     rows = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or "kind" not in row or "step" not in row:
+    for lineno, row in iter_jsonl_numbered(path, skip_torn_tail=True):
+        if "kind" not in row or "step" not in row:
             raise DataError(f"{path}:{lineno}: expected an object with 'kind' and 'step'")
         if kind is None or row["kind"] == kind:
             rows.append(row)
@@ -143,9 +152,16 @@ class RunLogger:
             self.truncate_after(resume_step)
         self._open()
         if wandb_mode != "disabled":
-            self._init_wandb(name=name, group=group, project=project, entity=entity, tags=list(tags),
-                             config=scrub(dict(config or {})), mode=wandb_mode,
-                             wandb_dir=Path(wandb_dir) if wandb_dir else self.run_dir)
+            self._init_wandb(
+                name=name,
+                group=group,
+                project=project,
+                entity=entity,
+                tags=list(tags),
+                config=scrub(dict(config or {})),
+                mode=wandb_mode,
+                wandb_dir=Path(wandb_dir) if wandb_dir else self.run_dir,
+            )
 
     # ---- local file -------------------------------------------------------------------------------
     def _repair_tail(self) -> None:
@@ -155,8 +171,11 @@ class RunLogger:
         data = self.metrics_path.read_bytes()
         if data and not data.endswith(b"\n"):
             keep = data[: data.rfind(b"\n") + 1]
-            warnings.warn(f"{self.metrics_path}: dropping an unterminated last line "
-                          f"({len(data) - len(keep)} bytes, from an interrupted write)", stacklevel=3)
+            warnings.warn(
+                f"{self.metrics_path}: dropping an unterminated last line "
+                f"({len(data) - len(keep)} bytes, from an interrupted write)",
+                stacklevel=3,
+            )
             atomic_write_text(self.metrics_path, keep.decode("utf-8"))
 
     def _open(self) -> None:
@@ -176,8 +195,9 @@ class RunLogger:
                 rows = read_metrics(self.metrics_path)
                 kept = [r for r in rows if r["step"] <= step]
                 dropped = len(rows) - len(kept)
-                atomic_write_text(self.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n"
-                                                             for r in kept))
+                atomic_write_text(
+                    self.metrics_path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept)
+                )
             if self._file is not None:
                 self._open()
             return dropped
@@ -206,15 +226,35 @@ class RunLogger:
         atomic_write_text(path, rid + "\n")
         return rid
 
-    def _init_wandb(self, *, name: str, group: str | None, project: str, entity: str | None,
-                    tags: list[str], config: dict, mode: str, wandb_dir: Path) -> None:
+    def _init_wandb(
+        self,
+        *,
+        name: str,
+        group: str | None,
+        project: str,
+        entity: str | None,
+        tags: list[str],
+        config: dict,
+        mode: str,
+        wandb_dir: Path,
+    ) -> None:
         try:
             import wandb
 
             wandb_dir.mkdir(parents=True, exist_ok=True)
-            run = wandb.init(project=project, entity=entity, name=name, group=group, tags=tags or None,
-                             config=config, id=self._run_id(), resume="allow", mode=mode,
-                             dir=str(wandb_dir), reinit="create_new")
+            run = wandb.init(
+                project=project,
+                entity=entity,
+                name=name,
+                group=group,
+                tags=tags or None,
+                config=config,
+                id=self._run_id(),
+                resume="allow",
+                mode=mode,
+                dir=str(wandb_dir),
+                reinit="create_new",
+            )
             run.define_metric("train/step")
             run.define_metric("train/*", step_metric="train/step")
             run.define_metric("eval/step")
@@ -222,10 +262,15 @@ class RunLogger:
             self._wandb_run = run
         except Exception as e:  # noqa: BLE001 -- any W&B failure must not cost the local metrics
             if mode == "online":
-                raise MathptError(f"W&B run {name!r} failed to start online ({type(e).__name__}: {e}); "
-                                  "run `wandb login`, or set wandb.mode to 'offline' in the config") from e
-            warnings.warn(f"W&B ({mode}) failed to start for run {name!r}: {type(e).__name__}: {e}; "
-                          f"continuing with {self.metrics_path} only", stacklevel=3)
+                raise MathptError(
+                    f"W&B run {name!r} failed to start online ({type(e).__name__}: {e}); "
+                    "run `wandb login`, or set wandb.mode to 'offline' in the config"
+                ) from e
+            warnings.warn(
+                f"W&B ({mode}) failed to start for run {name!r}: {type(e).__name__}: {e}; "
+                f"continuing with {self.metrics_path} only",
+                stacklevel=3,
+            )
 
     @property
     def wandb_run(self) -> Any:
@@ -240,8 +285,11 @@ class RunLogger:
         try:
             self._wandb_run.log(payload)
         except Exception as e:  # noqa: BLE001 -- keep training; metrics.jsonl already has the row
-            warnings.warn(f"W&B log failed for run {self.name!r} ({e}); W&B disabled for this run, "
-                          f"{self.metrics_path} keeps every row", stacklevel=3)
+            warnings.warn(
+                f"W&B log failed for run {self.name!r} ({e}); W&B disabled for this run, "
+                f"{self.metrics_path} keeps every row",
+                stacklevel=3,
+            )
             self._wandb_run = None
 
     # ---- public API -------------------------------------------------------------------------------
@@ -283,19 +331,3 @@ class RunLogger:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(exit_code=0 if exc_type is None else 1)
-
-
-def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str | None = None,
-             unit: str = "it", **kwargs: Any):
-    """A tqdm bar with ETA for long stages, tuned for Snakemake log files.
-
-    On a terminal it refreshes every second; when stderr is a file (a rule's ``log:``) it writes a
-    line at most every 30 s so logs stay readable. ``MATHPT_PROGRESS=0`` turns bars off.
-    """
-    from tqdm.auto import tqdm
-
-    tty = sys.stderr.isatty()
-    kwargs.setdefault("mininterval", 1.0 if tty else 30.0)
-    kwargs.setdefault("disable", os.environ.get("MATHPT_PROGRESS", "1") == "0")
-    kwargs.setdefault("dynamic_ncols", tty)
-    return tqdm(iterable, total=total, desc=desc, unit=unit, file=sys.stderr, **kwargs)

@@ -1,7 +1,9 @@
 # Helpers shared by all rules: config validation, the per-rule config slices, names and paths.
 import sys
 
-sys.path.insert(0, workflow.basedir)  # import mathpt from the checkout even if not installed
+sys.path.insert(
+    0, workflow.basedir
+)  # import mathpt from the checkout even if not installed
 
 from mathpt.algorithms import ALGO_REGEX, MODEL_REGEX, PG_ALGOS as ALL_PG_ALGOS
 from mathpt.config import canonical, rule_slice, validate_config
@@ -15,7 +17,7 @@ SEEDS = config["train"]["seeds"]
 PG_ALGOS = [a for a in ALGOS if a in ALL_PG_ALGOS]
 RUNS = [f"{a}-seed{s}" for a in ALGOS for s in SEEDS]
 MODELS = ["base"] + RUNS
-SHARDS = config["eval"]["gsm8k"].get("num_shards", 1)
+SHARDS = config["eval"]["gsm8k"]["num_shards"]
 
 
 wildcard_constraints:
@@ -25,7 +27,7 @@ wildcard_constraints:
 
 
 def slice_of(rule, **wildcards):
-    """The rule's config slice as one canonical JSON string (see DESIGN.md on params triggers)."""
+    """The rule's config slice as one canonical JSON string (docs/design.md, "Config")."""
     return canonical(rule_slice(config, rule, **wildcards))
 
 

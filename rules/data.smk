@@ -5,9 +5,11 @@ rule data:
         val="results/data/val.jsonl",
         test="results/data/test.jsonl",
         manifest="results/data/manifest.json",
-    params:
-        cfg=slice_of("data"),
     log:
         "results/logs/data.log",
+    conda:
+        "../envs/mathpt.yaml"
+    params:
+        cfg=slice_of("data"),
     script:
         "../scripts/data.py"

@@ -7,13 +7,15 @@ rule eval_gsm8k:
     output:
         rows="results/eval/{model}/gsm8k.jsonl",
         summary="results/eval/{model}/gsm8k_summary.json",
-    params:
-        cfg=slice_of("eval_gsm8k"),
+    log:
+        "results/logs/eval/{model}-gsm8k.log",
+    conda:
+        "../envs/mathpt.yaml"
     threads: workflow.cores
     resources:
         gpu=infer_gpus(),
-    log:
-        "results/logs/eval/{model}-gsm8k.log",
+    params:
+        cfg=slice_of("eval_gsm8k"),
     script:
         "../scripts/eval_gsm8k.py"
 
@@ -26,12 +28,14 @@ rule eval_lm:
         train="results/data/train.jsonl",
     output:
         out=directory("results/eval/{model}/lm_eval"),
-    params:
-        cfg=slice_of("eval_lm"),
+    log:
+        "results/logs/eval/{model}-lm_eval.log",
+    conda:
+        "../envs/mathpt.yaml"
     threads: workflow.cores
     resources:
         gpu=gpus_for(LAYOUT, "infer"),
-    log:
-        "results/logs/eval/{model}-lm_eval.log",
+    params:
+        cfg=slice_of("eval_lm"),
     script:
         "../scripts/eval_lm.py"

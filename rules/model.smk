@@ -4,10 +4,12 @@ rule base_model:
         train="results/data/train.jsonl",
     output:
         directory("results/models/base"),
-    params:
-        cfg=slice_of("base_model"),
-    threads: workflow.cores
     log:
         "results/logs/base_model.log",
+    conda:
+        "../envs/mathpt.yaml"
+    threads: workflow.cores
+    params:
+        cfg=slice_of("base_model"),
     script:
         "../scripts/base_model.py"

@@ -9,10 +9,12 @@ rule tokenize:
         shards=directory("results/tokenized/sft"),
         train_prompts="results/tokenized/prompts/train.jsonl",
         val_prompts="results/tokenized/prompts/val.jsonl",
-    params:
-        cfg=slice_of("tokenize"),
-    threads: workflow.cores
     log:
         "results/logs/tokenize.log",
+    conda:
+        "../envs/mathpt.yaml"
+    threads: workflow.cores
+    params:
+        cfg=slice_of("tokenize"),
     script:
         "../scripts/tokenize.py"

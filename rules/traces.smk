@@ -6,11 +6,13 @@ rule traces:
     output:
         traces="results/traces/traces.jsonl",
         summary="results/traces/traces.summary.json",
-    params:
-        cfg=slice_of("traces"),
-    resources:
-        gpu=gpus_for(LAYOUT, "infer") if config["teacher"]["kind"] == "local" else 0,
     log:
         "results/logs/traces.log",
+    conda:
+        "../envs/mathpt.yaml"
+    resources:
+        gpu=gpus_for(LAYOUT, "infer") if config["teacher"]["kind"] == "local" else 0,
+    params:
+        cfg=slice_of("traces"),
     script:
         "../scripts/traces.py"

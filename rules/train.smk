@@ -12,13 +12,15 @@ rule train:
             category="Training",
             caption="../report/metrics.rst",
         ),
-    params:
-        cfg=lambda wc: slice_of("train", algo=wc.algo, seed=wc.seed),
-        state_dir=lambda wc: f"results/state/{wc.algo}-seed{wc.seed}",
+    log:
+        "results/logs/train/{algo}-seed{seed}.log",
+    conda:
+        "../envs/mathpt.yaml"
     threads: workflow.cores
     resources:
         gpu=gpus_for(LAYOUT, "train"),
-    log:
-        "results/logs/train/{algo}-seed{seed}.log",
+    params:
+        cfg=lambda wc: slice_of("train", algo=wc.algo, seed=wc.seed),
+        state_dir=lambda wc: f"results/state/{wc.algo}-seed{wc.seed}",
     script:
         "../scripts/train.py"

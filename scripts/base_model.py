@@ -1,4 +1,5 @@
 """Rule base_model: materialize the base model directory (pretrained or the embedded tiny model)."""
+
 from mathpt.models import materialize_base_model
 from mathpt.pipeline import run_script
 

@@ -1,4 +1,5 @@
 """Rule curves: training-curve plots from the local metrics files."""
+
 from pathlib import Path
 
 from mathpt.curves import plot_training_curves

@@ -1,4 +1,5 @@
 """Rule data: GSM8K (or synthetic arith) -> results/data/{train,val,test}.jsonl + manifest."""
+
 from pathlib import Path
 
 from mathpt.data import prepare_data
@@ -8,12 +9,15 @@ from mathpt.pipeline import run_script
 def main(smk, cfg):
     if cfg["source"] == "arith":
         source = {"name": "arith", **cfg["arith"]}
-    elif cfg["source"] == "local":
-        source = {"name": "gsm8k", "dir": cfg["local_dir"]}
     else:
-        source = {"name": "gsm8k"}
-    prepare_data(source, Path(smk.output.train).parent, val_size=cfg["val_size"], seed=cfg["seed"],
-                 limits=cfg["limits"])
+        source = {"name": "gsm8k", "origin": cfg["source"], "dir": cfg["local_dir"]}
+    prepare_data(
+        source,
+        Path(smk.output.train).parent,
+        val_size=cfg["val_size"],
+        seed=cfg["seed"],
+        limits=cfg["limits"],
+    )
 
 
 if __name__ == "__main__":  # engines spawn processes that re-import this file

@@ -1,4 +1,5 @@
 """Rule regressions: CIs of each trained model's change vs base on the lm-eval per-doc scores."""
+
 import json
 from pathlib import Path
 
@@ -14,9 +15,16 @@ def main(smk, cfg):
         per_doc[model] = {f.stem.removeprefix("per_doc_"): str(f) for f in files}
         versions.update(json.loads((Path(out_dir) / "summary.json").read_text()).get("versions", {}))
     lm, st = cfg["lm_eval"], cfg["stats"]
-    meta = {"split": "test", "k_shot": lm.get("num_fewshot"), "decoding": f"greedy, max_gen_toks={lm.get('max_gen_toks')}",
-            "code_version": git_commit(), "task_versions": versions}
-    build_regressions_table(group_runs(per_doc), smk.output.table, meta, n_resamples=st["n_resamples"], seed=st["seed"])
+    meta = {
+        "split": "test",
+        "k_shot": lm.get("num_fewshot"),
+        "decoding": f"greedy, max_gen_toks={lm.get('max_gen_toks')}",
+        "code_version": git_commit(),
+        "task_versions": versions,
+    }
+    build_regressions_table(
+        group_runs(per_doc), smk.output.table, meta, n_resamples=st["n_resamples"], seed=st["seed"]
+    )
 
 
 if __name__ == "__main__":  # engines spawn processes that re-import this file

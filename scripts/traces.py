@@ -1,4 +1,5 @@
 """Rule traces: teacher completions for the train prompts (cache kept outside the declared outputs)."""
+
 from pathlib import Path
 
 from mathpt.io import read_jsonl
@@ -12,8 +13,13 @@ def main(smk, cfg):
     if teacher["kind"] == "local":  # default: the base model through the project's engine
         teacher.setdefault("model_path", smk.input.model)
         teacher.setdefault("engine", cfg["runtime"]["engine"])
-    generate_traces(teacher, rows, cfg["prompt_style"], smk.output.traces,
-                    work_dir=Path(smk.output.traces).parent / ".work")
+    generate_traces(
+        teacher,
+        rows,
+        cfg["prompt_style"],
+        smk.output.traces,
+        work_dir=Path(smk.output.traces).parent / ".work",
+    )
 
 
 if __name__ == "__main__":  # engines spawn processes that re-import this file

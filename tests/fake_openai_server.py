@@ -34,7 +34,10 @@ TEST_KEY = "sk-test-THIS-KEY-MUST-NEVER-BE-LOGGED-0123456789"
 
 
 def default_answer(question: str) -> tuple[str, str]:
-    """(content, reasoning_content) for a question; the answer is the last number in the question."""
+    """(content, reasoning_content) for a question; the answer is the last number in the question.
+
+    An ``answer_fn`` may also return (content, reasoning_content, finish_reason), e.g. ``"length"``
+    with an empty content: DeepSeek-R1 hitting max_tokens inside its reasoning."""
     nums = re.findall(r"\d+", question)
     ans = nums[-1] if nums else "0"
     reasoning = f"The user wants the answer. Hmm, let me check the numbers. It must be {ans}."
@@ -50,10 +53,18 @@ def default_answer(question: str) -> tuple[str, str]:
 class FakeOpenAIServer:
     """Start with ``start()`` (returns the base URL ``http://127.0.0.1:PORT/v1``), stop with ``stop()``."""
 
-    def __init__(self, *, api_key: str | None = TEST_KEY, answer_fn=default_answer,
-                 faults: dict[str, list[str]] | None = None, retry_after: str = "1",
-                 hang_s: float = 5.0, stall_after: int | None = None, crash_after: int | None = None,
-                 delay_s: float = 0.0):
+    def __init__(
+        self,
+        *,
+        api_key: str | None = TEST_KEY,
+        answer_fn=default_answer,
+        faults: dict[str, list[str]] | None = None,
+        retry_after: str = "1",
+        hang_s: float = 5.0,
+        stall_after: int | None = None,
+        crash_after: int | None = None,
+        delay_s: float = 0.0,
+    ):
         self.api_key = api_key
         self.answer_fn = answer_fn
         self.faults = {k: list(v) for k, v in (faults or {}).items()}
@@ -62,10 +73,10 @@ class FakeOpenAIServer:
         self.stall_after = stall_after
         self.crash_after = crash_after
         self.delay_s = delay_s
-        self.requests: Counter[str] = Counter()   # question -> requests received
+        self.requests: Counter[str] = Counter()  # question -> requests received
         self.successes: Counter[str] = Counter()  # question -> 200 responses fully sent
-        self.log: list[dict] = []                 # {t (arrival), question, outcome}
-        self.usage_sent: list[dict] = []          # usage of every 200 sent
+        self.log: list[dict] = []  # {t (arrival), question, outcome}
+        self.usage_sent: list[dict] = []  # usage of every 200 sent
         self.crashed = False
         self.stalling = 0  # requests hanging right now (stall_after)
         self._lock = threading.Lock()
@@ -82,8 +93,9 @@ class FakeOpenAIServer:
 
         self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
         return self.base_url
 
@@ -185,8 +197,16 @@ class _Handler(BaseHTTPRequestHandler):
         if fake.api_key is not None and auth != f"Bearer {fake.api_key}":
             fake._record(user, "401", t0)
             got = auth.removeprefix("Bearer ")
-            return self._json(401, {"error": {"message": f"Incorrect API key provided: {got}",
-                                              "type": "authentication_error", "code": "invalid_api_key"}})
+            return self._json(
+                401,
+                {
+                    "error": {
+                        "message": f"Incorrect API key provided: {got}",
+                        "type": "authentication_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+            )
 
         if fake.stall_after is not None and fake.total_successes >= fake.stall_after:
             fake._record(user, "stall", t0)
@@ -201,16 +221,25 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             fake._record(user, fault, t0)
         if fault == "429":
-            return self._json(429, {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
-                              {"Retry-After": fake.retry_after})
+            return self._json(
+                429,
+                {"error": {"message": "Rate limit reached", "type": "rate_limit"}},
+                {"Retry-After": fake.retry_after},
+            )
         if fault in ("500", "503"):
-            return self._json(int(fault), {"error": {"message": "The server had an error", "type": "server_error"}})
+            return self._json(
+                int(fault), {"error": {"message": "The server had an error", "type": "server_error"}}
+            )
         if fault == "400":
-            return self._json(400, {"error": {"message": "Invalid request: bad max_tokens", "type": "invalid_request"}})
+            return self._json(
+                400, {"error": {"message": "Invalid request: bad max_tokens", "type": "invalid_request"}}
+            )
         if fault == "401":
             got = auth.removeprefix("Bearer ")
-            return self._json(401, {"error": {"message": f"Incorrect API key provided: {got}",
-                                              "type": "authentication_error"}})
+            return self._json(
+                401,
+                {"error": {"message": f"Incorrect API key provided: {got}", "type": "authentication_error"}},
+            )
         if fault == "timeout":
             fake._release.wait(fake.hang_s)
             return self._drop()
@@ -222,8 +251,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         if fake.delay_s:
             time.sleep(fake.delay_s)
-        content, reasoning = fake.answer_fn(user)
-        body = _completion(req, content, reasoning)
+        answer = fake.answer_fn(user)  # (content, reasoning) or (content, reasoning, finish_reason)
+        body = _completion(req, *answer)
         if fault == "truncate":
             raw = json.dumps(body).encode()
             self.send_response(200)
@@ -247,7 +276,7 @@ class _Handler(BaseHTTPRequestHandler):
             fake.crash()
 
 
-def _completion(req: dict, content: str, reasoning: str | None) -> dict:
+def _completion(req: dict, content: str, reasoning: str | None, finish_reason: str = "stop") -> dict:
     prompt_tokens = sum(len(m.get("content", "").split()) for m in req.get("messages", []))
     content_tokens = len(content.split())
     reasoning_tokens = len(reasoning.split()) if reasoning else 0
@@ -259,7 +288,7 @@ def _completion(req: dict, content: str, reasoning: str | None) -> dict:
         "object": "chat.completion",
         "created": int(time.time()),
         "model": req.get("model", "fake"),
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
         "usage": {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": content_tokens + reasoning_tokens,

@@ -7,20 +7,45 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from mathpt import ci_table, stats
 from mathpt.io import MathptError
 
-META = {"benchmark": "gsm8k", "split": "test", "scorer": "math-verify 0.9.0", "k_shot": 4,
-        "decoding": "greedy, max 256 tokens", "code_version": "abc123", "task_versions": {"gsm8k": 1}}
+META = {
+    "benchmark": "gsm8k",
+    "split": "test",
+    "scorer": "math-verify 0.9.0",
+    "k_shot": 4,
+    "decoding": "greedy, max 256 tokens",
+    "code_version": "abc123",
+    "task_versions": {"gsm8k": 1},
+}
 N, R = 60, 400
 ACC = {"base": 0.2, "sft": 0.4, "no_baseline": 0.35, "reinforce_with_baseline": 0.5, "grpo_clip": 0.55}
 
 
-def _write_eval(path, correct, gold=None):
-    rows = [{"index": i, "id": f"test-{i:05d}", "prompt_hash": "h", "response": "r", "extracted": None,
-             "gold": (gold or {}).get(i, str(i)), "correct": bool(c), "generated_tokens": 1, "truncated": False}
-            for i, c in enumerate(correct)]
+def _write_eval(path, correct, gold=None, formatted=None, any_format=None, truncated=None):
+    n = len(correct)
+    formatted = np.ones(n, bool) if formatted is None else formatted
+    any_format = np.asarray(correct, bool) if any_format is None else any_format
+    truncated = np.zeros(n, bool) if truncated is None else truncated
+    rows = [
+        {
+            "index": i,
+            "id": f"test-{i:05d}",
+            "prompt_hash": "h",
+            "response": "r",
+            "extracted": None,
+            "gold": (gold or {}).get(i, str(i)),
+            "correct": bool(c),
+            "formatted": bool(formatted[i]),
+            "correct_any_format": bool(any_format[i]),
+            "generated_tokens": 1 + i % 4,
+            "truncated": bool(truncated[i]),
+        }
+        for i, c in enumerate(correct)
+    ]
     rng = np.random.default_rng(len(str(path)))
     rng.shuffle(rows)  # file order must not matter
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -55,15 +80,22 @@ def test_ci_table_end_to_end(tmp_path, evals):
     assert set(ci_table.CI_COLUMNS) <= set(csv_rows[0])
     assert {(r["model_a"], r["model_b"]) for r in csv_rows} == set(ci_table.declared_comparisons(ACC))
     for r in csv_rows:
-        assert (r["benchmark"], r["split"], r["n"], r["k_shot"], r["code_version"]) == ("gsm8k", "test", "60", "4",
-                                                                                         "abc123")
+        assert (r["benchmark"], r["split"], r["n"], r["k_shot"], r["code_version"]) == (
+            "gsm8k",
+            "test",
+            "60",
+            "4",
+            "abc123",
+        )
         assert json.loads(r["task_versions"]) == {"gsm8k": 1}
         assert _num(r["ci_low"]) <= _num(r["diff"]) + 1e-12 and _num(r["diff"]) <= _num(r["ci_high"]) + 1e-12
 
     # A per-seed row against direct computations on the raw scores.
     row = next(r for r in csv_rows if (r["model_a"], r["model_b"], r["seed"]) == ("grpo_clip", "base", "1"))
     a, b = scores[("grpo_clip", 1)], scores[("base", None)]
-    assert _num(row["acc_a"]) == pytest.approx(a.mean()) and _num(row["diff"]) == pytest.approx(a.mean() - b.mean())
+    assert _num(row["acc_a"]) == pytest.approx(a.mean()) and _num(row["diff"]) == pytest.approx(
+        a.mean() - b.mean()
+    )
     only_a, only_b = int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))
     assert (int(row["only_a"]), int(row["only_b"])) == (only_a, only_b)
     assert int(row["both_right"]) + only_a + only_b + int(row["both_wrong"]) == N
@@ -83,13 +115,22 @@ def test_ci_table_end_to_end(tmp_path, evals):
         ref_holm[i] = running
     np.testing.assert_allclose([_num(r["holm_p"]) for r in fam], ref_holm, rtol=1e-10)
 
-    # Pooled row: mean of per-seed differences, bootstrap p, no McNemar.
-    pooled = next(r for r in csv_rows if (r["model_a"], r["model_b"], r["seed"]) == ("grpo_clip", "sft", "pooled"))
+    # Pooled row: t-interval on the per-seed differences (df = 1 with 2 seeds), t p, no McNemar.
+    pooled = next(
+        r for r in csv_rows if (r["model_a"], r["model_b"], r["seed"]) == ("grpo_clip", "sft", "pooled")
+    )
     per_seed = [scores[("grpo_clip", s)].mean() - scores[("sft", s)].mean() for s in (0, 1)]
+    ref = scipy_stats.ttest_1samp(per_seed, 0.0)
     assert _num(pooled["diff"]) == pytest.approx(np.mean(per_seed))
-    assert pooled["n_seeds"] == "2" and pooled["p_method"] == "bootstrap" and pooled["mcnemar_p"] == ""
-    assert pooled["ci_method"] == "hierarchical_bootstrap_percentile"
-    assert 0 < _num(pooled["holm_p"]) <= 1
+    assert (_num(pooled["ci_low"]), _num(pooled["ci_high"])) == pytest.approx(
+        tuple(ref.confidence_interval())
+    )
+    assert _num(pooled["t_p"]) == pytest.approx(ref.pvalue)
+    assert pooled["n_seeds"] == "2" and pooled["p_method"] == "t_seeds" and pooled["mcnemar_p"] == ""
+    assert pooled["ci_method"] == "t_over_seeds" and pooled["ci_df"] == "1"
+    assert pooled["ci_covers"] == ci_table.COVERS_SEEDS and row["ci_covers"] == ci_table.COVERS_PROBLEMS
+    fam = [r for r in csv_rows if r["seed"] == "pooled"]  # Holm over the pooled family uses the t p
+    np.testing.assert_allclose([_num(r["holm_p"]) for r in fam], stats.holm([_num(r["t_p"]) for r in fam]))
 
 
 def test_ci_table_single_seed_and_subset(tmp_path, evals):
@@ -97,8 +138,18 @@ def test_ci_table_single_seed_and_subset(tmp_path, evals):
     sub = {"base": paths["base"], "sft": {0: paths["sft"][0]}, "grpo_clip": {0: paths["grpo_clip"][0]}}
     rows = ci_table.build_ci_table(sub, tmp_path / "ci.csv", META, n_resamples=R)
     assert [(r["model_a"], r["model_b"], r["seed"]) for r in rows] == [
-        ("sft", "base", 0), ("grpo_clip", "base", 0), ("grpo_clip", "sft", 0)]
-    rows = ci_table.build_ci_table(sub, tmp_path / "ci2.csv", META, n_resamples=R, comparisons=[("sft", "base")])
+        ("sft", "base", 0),
+        ("grpo_clip", "base", 0),
+        ("grpo_clip", "sft", 0),
+    ]
+    # One seed: no pooled row, and every row says its interval ignores between-seed variance.
+    assert all("between-seed variance is NOT covered" in r["ci_covers"] for r in rows)
+    acc = ci_table.build_accuracy_table(sub, tmp_path / "acc.csv", META, n_resamples=R)
+    assert all("NOT covered" in r["ci_covers"] for r in acc if r["model"] != "base")
+    assert acc[0]["ci_covers"] == ci_table.COVERS_UNSEEDED and not any(r["seed"] == "pooled" for r in acc)
+    rows = ci_table.build_ci_table(
+        sub, tmp_path / "ci2.csv", META, n_resamples=R, comparisons=[("sft", "base")]
+    )
     assert len(rows) == 1 and rows[0]["holm_p"] == pytest.approx(rows[0]["mcnemar_p"])
 
 
@@ -115,20 +166,30 @@ def test_ci_table_identical_models_no_nan(tmp_path, evals):
 def test_ci_table_errors(tmp_path, evals):
     paths, _ = evals
     with pytest.raises(MathptError, match="decoding"):
-        ci_table.build_ci_table(paths, tmp_path / "x.csv", {k: v for k, v in META.items() if k != "decoding"},
-                                n_resamples=R)
+        ci_table.build_ci_table(
+            paths, tmp_path / "x.csv", {k: v for k, v in META.items() if k != "decoding"}, n_resamples=R
+        )
     with pytest.raises(MathptError, match="'nope'"):
-        ci_table.build_ci_table(paths, tmp_path / "x.csv", META, n_resamples=R, comparisons=[("nope", "base")])
+        ci_table.build_ci_table(
+            paths, tmp_path / "x.csv", META, n_resamples=R, comparisons=[("nope", "base")]
+        )
     bad = _write_eval(tmp_path / "short.jsonl", np.ones(N - 1))
     with pytest.raises(MathptError, match="short.jsonl"):
-        ci_table.build_ci_table({**paths, "sft": {0: str(bad), 1: paths["sft"][1]}}, tmp_path / "x.csv", META,
-                                n_resamples=R)
+        ci_table.build_ci_table(
+            {**paths, "sft": {0: str(bad), 1: paths["sft"][1]}}, tmp_path / "x.csv", META, n_resamples=R
+        )
     wrong_gold = _write_eval(tmp_path / "gold.jsonl", np.ones(N), gold={7: "999"})
     with pytest.raises(MathptError, match="gold answers differ at index 7"):
-        ci_table.build_ci_table({**paths, "sft": {0: str(wrong_gold), 1: paths["sft"][1]}}, tmp_path / "x.csv",
-                                META, n_resamples=R)
+        ci_table.build_ci_table(
+            {**paths, "sft": {0: str(wrong_gold), 1: paths["sft"][1]}},
+            tmp_path / "x.csv",
+            META,
+            n_resamples=R,
+        )
     with pytest.raises(MathptError, match="seeds are paired by number"):
-        ci_table.build_ci_table({**paths, "sft": {0: paths["sft"][0]}}, tmp_path / "x.csv", META, n_resamples=R)
+        ci_table.build_ci_table(
+            {**paths, "sft": {0: paths["sft"][0]}}, tmp_path / "x.csv", META, n_resamples=R
+        )
     assert not (tmp_path / "x.csv").exists()
 
 
@@ -141,9 +202,53 @@ def test_accuracy_table(tmp_path, evals):
     assert (base["model"], base["seed"], base["n_correct"], base["ci_method"]) == ("base", "", k, "wilson")
     assert (base["ci_low"], base["ci_high"]) == pytest.approx(stats.wilson_ci(k, N))
     pooled = next(r for r in rows if r["model"] == "sft" and r["seed"] == "pooled")
-    assert pooled["acc"] == pytest.approx((scores[("sft", 0)].mean() + scores[("sft", 1)].mean()) / 2)
-    assert pooled["ci_low"] <= pooled["acc"] <= pooled["ci_high"]
+    per_seed = [scores[("sft", 0)].mean(), scores[("sft", 1)].mean()]
+    assert pooled["acc"] == pytest.approx(np.mean(per_seed))
+    ref = scipy_stats.ttest_1samp(per_seed, 0.0).confidence_interval()
+    assert (pooled["ci_low"], pooled["ci_high"]) == pytest.approx(tuple(ref))
+    assert pooled["ci_method"] == "t_over_seeds" and pooled["ci_covers"] == ci_table.COVERS_SEEDS
     assert len(ci_table.read_csv(tmp_path / "acc.csv")) == len(rows)
+
+
+def test_accuracy_table_rates(tmp_path, evals):
+    """Format rate, accuracy ignoring format and truncated fraction per run, means on the pooled row."""
+    paths, scores = evals
+    rng = np.random.default_rng(5)
+    rates = {}
+    for s in (0, 1):
+        correct = scores[("sft", s)]
+        fmt = rng.random(N) < 0.4
+        anyf = (correct == 1) | (rng.random(N) < 0.3)
+        trunc = rng.random(N) < 0.2
+        paths["sft"][s] = str(
+            _write_eval(
+                tmp_path / f"sft-rates{s}.jsonl", correct, formatted=fmt, any_format=anyf, truncated=trunc
+            )
+        )
+        rates[s] = (fmt.mean(), anyf.mean(), trunc.mean(), np.mean([1 + i % 4 for i in range(N)]))
+    rows = ci_table.build_accuracy_table(paths, tmp_path / "acc.csv", META, n_resamples=R)
+    for s in (0, 1):
+        r = next(r for r in rows if r["model"] == "sft" and r["seed"] == s)
+        assert (
+            r["format_rate"],
+            r["acc_any_format"],
+            r["truncated_fraction"],
+            r["mean_generated_tokens"],
+        ) == pytest.approx(rates[s])
+    pooled = next(r for r in rows if r["model"] == "sft" and r["seed"] == "pooled")
+    assert pooled["truncated_fraction"] == pytest.approx((rates[0][2] + rates[1][2]) / 2)
+    csv_row = next(
+        r for r in ci_table.read_csv(tmp_path / "acc.csv") if r["model"] == "sft" and r["seed"] == "0"
+    )
+    assert float(csv_row["format_rate"]) == pytest.approx(rates[0][0])
+    # An eval file from before these keys existed is refused with its path and line.
+    old = tmp_path / "old.jsonl"
+    old.write_text(
+        json.dumps({"index": 0, "gold": "1", "correct": True, "generated_tokens": 1, "truncated": False})
+        + "\n"
+    )
+    with pytest.raises(MathptError, match="old.jsonl:1: eval row lacks"):
+        ci_table.eval_rates(old)
 
 
 def test_regressions_table(tmp_path):
@@ -153,16 +258,23 @@ def test_regressions_table(tmp_path):
         for s in seeds:
             name = ci_table.model_name(model, s)
             acc = [{"doc_id": i, "score": float(rng.random() < 0.5), "metric": "acc"} for i in range(40)]
-            ppl = [{"doc_id": i, "score": float(rng.lognormal(3, 0.3)), "metric": "word_perplexity"}
-                   for i in range(25)]
+            ppl = [
+                {"doc_id": i, "score": float(rng.lognormal(3, 0.3)), "metric": "word_perplexity"}
+                for i in range(25)
+            ]
             files = {}
             for task, rows in (("arc_local", acc), ("wikitext_local", ppl)):
                 p = tmp_path / f"{name}_{task}.jsonl"
                 p.write_text("".join(json.dumps(r) + "\n" for r in rows))
                 files[task] = str(p)
             per_doc.setdefault(model, {})[s] = files
-    meta = {"split": "test", "k_shot": {"arc_local": 2, "wikitext_local": 0}, "decoding": "loglikelihood",
-            "code_version": "abc", "task_versions": {"arc_local": 1, "wikitext_local": 2}}
+    meta = {
+        "split": "test",
+        "k_shot": {"arc_local": 2, "wikitext_local": 0},
+        "decoding": "loglikelihood",
+        "code_version": "abc",
+        "task_versions": {"arc_local": 1, "wikitext_local": 2},
+    }
     out = tmp_path / "regressions.csv"
     rows = ci_table.build_regressions_table(per_doc, out, meta, n_resamples=R)
     assert len(rows) == 2 * 2 * 3  # tasks x models x (2 seeds + pooled)
@@ -172,7 +284,8 @@ def test_regressions_table(tmp_path):
         assert r["n"] == (25 if wiki else 40) and r["k_shot"] == (0 if wiki else 2)
         assert r["task_versions"] == (2 if wiki else 1)
         if wiki:  # continuous: no McNemar or agreement counts; the bootstrap p is Holm-adjusted
-            assert math.isnan(r["mcnemar_p"]) and r["only_a"] is None and r["p_method"] == "bootstrap"
+            assert math.isnan(r["mcnemar_p"]) and r["only_a"] is None
+            assert r["p_method"] == ("t_seeds" if r["seed"] == "pooled" else "bootstrap")
         assert 0 < r["holm_p"] <= 1
     csv_rows = ci_table.read_csv(out)
     assert csv_rows[0]["task"] and set(ci_table.REG_COLUMNS) <= set(csv_rows[0])
@@ -184,7 +297,12 @@ def test_naming_helpers():
     assert ci_table.parse_model_name("grpo_clip-seed3") == ("grpo_clip", 3)
     assert ci_table.parse_model_name("base") == ("base", None)
     assert ci_table.group_runs({"base": "b", "sft-seed0": "s0", "sft-seed1": "s1"}) == {
-        "base": {None: "b"}, "sft": {0: "s0", 1: "s1"}}
+        "base": {None: "b"},
+        "sft": {0: "s0", 1: "s1"},
+    }
     assert ci_table.declared_comparisons(["base", "no_baseline", "grpo_clip"]) == [
-        ("no_baseline", "base"), ("grpo_clip", "base"), ("grpo_clip", "no_baseline")]
+        ("no_baseline", "base"),
+        ("grpo_clip", "base"),
+        ("grpo_clip", "no_baseline"),
+    ]
     assert len(ci_table.declared_comparisons(["base", *ci_table.ALGOS])) == 10

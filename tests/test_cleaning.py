@@ -19,8 +19,19 @@ from mathpt.teachers.cleaning import (
     strip_answer_statement,
 )
 
-TRACE_KEYS = {"id", "question", "answer", "prompt", "response", "teacher", "teacher_answer", "correct",
-              "sample_index"}
+TRACE_KEYS = {
+    "id",
+    "question",
+    "answer",
+    "prompt",
+    "response",
+    "teacher",
+    "teacher_answer",
+    "correct",
+    "sample_index",
+    "finish_reason",
+    "reject_reason",
+}
 ROW = {"id": "train-00007", "question": "Tom has 3 bags of 6 apples. How many apples?", "answer": "18"}
 
 # Shaped like DeepSeek-R1's final content on a GSM8K problem.
@@ -37,8 +48,11 @@ So, Tom has $\\boxed{18}$ apples in total.
 \\]"""
 
 
-@pytest.mark.parametrize("pattern, example", [(p, e) for p in PATTERNS for e in p.examples],
-                         ids=lambda x: x.name if hasattr(x, "name") else x[:30])
+@pytest.mark.parametrize(
+    "pattern, example",
+    [(p, e) for p in PATTERNS for e in p.examples],
+    ids=lambda x: x.name if hasattr(x, "name") else x[:30],
+)
 def test_each_documented_example_is_dropped_under_its_pattern(pattern, example):
     kept, dropped = drop_instruction_lines(f"Tom has 3 bags.\n{example}\nSo 3 * 6 = 18.")
     assert kept == "Tom has 3 bags.\nSo 3 * 6 = 18."
@@ -69,31 +83,44 @@ def test_no_gsm8k_solution_or_question_line_is_touched(gsm8k_dir):
 
 def test_r1_like_content_is_cleaned_to_the_math():
     reasoning, dropped = clean_reasoning(R1_CONTENT)
-    assert reasoning == ("**Step 1:** Tom has 3 bags.\n"
-                         "**Step 2:** Each bag holds 6 apples, so \\( 3 \\times 6 = 18 \\).\n\n"
-                         "So, Tom has $18$ apples in total.")
+    assert reasoning == (
+        "**Step 1:** Tom has 3 bags.\n"
+        "**Step 2:** Each bag holds 6 apples, so \\( 3 \\times 6 = 18 \\).\n\n"
+        "So, Tom has $18$ apples in total."
+    )
     assert dropped == {"answer_format_talk": 1}  # "**Final Answer**" goes with the answer statement
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("3 * 6 = 18.\nThe final answer is $\\boxed{18}$.", "3 * 6 = 18."),
-    ("3 * 6 = 18.\n\\boxed{18}", "3 * 6 = 18."),
-    ("3 * 6 = 18.\n**Answer:** \\boxed{18}", "3 * 6 = 18."),
-    ("So the total is \\boxed{18} apples.", "So the total is 18 apples."),
-    ("It is \\boxed{\\frac{1}{2}} of them.", "It is \\frac{1}{2} of them."),
-    ("3 * 6 = 18\n#### 18", "3 * 6 = 18"),
-    ("3 * 6 = 18</think> <answer>18</answer>", "3 * 6 = 18</think> "),
-    ("Final answer: 18", ""),
-    ("The answer is 18 because 3 * 6 = 18.", "The answer is 18 because 3 * 6 = 18."),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("3 * 6 = 18.\nThe final answer is $\\boxed{18}$.", "3 * 6 = 18."),
+        ("3 * 6 = 18.\n\\boxed{18}", "3 * 6 = 18."),
+        ("3 * 6 = 18.\n**Answer:** \\boxed{18}", "3 * 6 = 18."),
+        ("So the total is \\boxed{18} apples.", "So the total is 18 apples."),
+        ("It is \\boxed{\\frac{1}{2}} of them.", "It is \\frac{1}{2} of them."),
+        ("3 * 6 = 18\n#### 18", "3 * 6 = 18"),
+        ("3 * 6 = 18</think> <answer>18</answer>", "3 * 6 = 18</think> "),
+        ("Final answer: 18", ""),
+        ("The answer is 18 because 3 * 6 = 18.", "The answer is 18 because 3 * 6 = 18."),
+    ],
+)
 def test_strip_answer_statement(text, expected):
     assert strip_answer_statement(text) == expected
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("$1,000", "1000"), ("\\$18.00", "18.00"), ("18.", "18"), ("\\text{18 apples}", "18 apples"),
-    (" 12,345,678 ", "12345678"), ("\\(3/4\\)", "3/4"), ("1,5", "1,5"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("$1,000", "1000"),
+        ("\\$18.00", "18.00"),
+        ("18.", "18"),
+        ("\\text{18 apples}", "18 apples"),
+        (" 12,345,678 ", "12345678"),
+        ("\\(3/4\\)", "3/4"),
+        ("1,5", "1,5"),
+    ],
+)
 def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
@@ -104,9 +131,16 @@ def test_correct_trace_is_canonical_and_passes_the_style_reward(style):
     trace, _ = make_trace_row(ROW, style, "api:r1", 2, content, reasoning_content="long thoughts")
     assert set(trace) == TRACE_KEYS
     assert trace["teacher_answer"] == "\\$18.00" and trace["correct"] is True and trace["sample_index"] == 2
-    assert get_reward_fn(style)(trace["response"], "18") == {"reward": 1.0, "format_reward": 1.0, "answer_reward": 1.0}
+    assert get_reward_fn(style)(trace["response"], "18") == {
+        "reward": 1.0,
+        "format_reward": 1.0,
+        "answer_reward": 1.0,
+    }
     final = trace["response"].rsplit("\n", 1)[-1]  # the answer the style's format carries: gold spelling
-    assert final in ("So, Tom has $\\$18.00$ apples in total.</think> <answer>18</answer>", "The final answer is \\boxed{18}.")
+    assert final in (
+        "So, Tom has $\\$18.00$ apples in total.</think> <answer>18</answer>",
+        "The final answer is \\boxed{18}.",
+    )
     assert "long thoughts" not in trace["response"]
     assert "box" not in trace["response"].replace("\\boxed{18}", "")
 
@@ -123,20 +157,77 @@ def test_wrong_and_missing_answers(style):
     assert get_reward_fn(style)(cut["response"], "18")["answer_reward"] == 0.0
 
 
+@pytest.mark.parametrize("style", ["r1_zero", "qwen_boxed"])
+@pytest.mark.parametrize("source", ["content", "reasoning_content", "both"])
+def test_truncated_completion_is_never_correct(style, source):
+    """R1 hit max_tokens: finish_reason "length"; the answer in its reasoning is recorded, never trusted."""
+    for content in ("", "3 bags of 6 make 18.\nThe final answer is \\boxed{18}."):
+        trace, _ = make_trace_row(
+            ROW,
+            style,
+            "api:r1",
+            0,
+            content,
+            reasoning_content="3 x 6 = \\boxed{18}",
+            reasoning_source=source,
+            finish_reason="length",
+        )
+        assert trace["correct"] is False and trace["reject_reason"] == "truncated"
+        assert trace["finish_reason"] == "length" and trace["teacher_answer"] == "18"
+
+
+@pytest.mark.parametrize("style", ["r1_zero", "qwen_boxed"])
+def test_empty_or_answer_only_completion_is_never_correct(style):
+    """An empty content (its answer read from reasoning_content) or a bare box gives an answer-only SFT text."""
+    for content in ("", "   \n", "\\boxed{18}", "**Final Answer**\n\\[ \\boxed{18} \\]"):
+        trace, _ = make_trace_row(ROW, style, "api:r1", 0, content, reasoning_content="so it is \\boxed{18}")
+        assert trace["correct"] is False and trace["reject_reason"] == "empty", content
+        assert trace["finish_reason"] == "stop"
+    ok, _ = make_trace_row(ROW, style, "api:r1", 0, R1_CONTENT, finish_reason="stop")
+    assert ok["correct"] is True and ok["reject_reason"] is None
+
+
 def test_answer_falls_back_to_reasoning_content():
-    trace, _ = make_trace_row(ROW, "qwen_boxed", "t", 0, "", reasoning_content="3 bags of 6 make \\boxed{18}.",
-                              reasoning_source="reasoning_content")
+    trace, _ = make_trace_row(
+        ROW,
+        "qwen_boxed",
+        "t",
+        0,
+        "",
+        reasoning_content="3 bags of 6 make \\boxed{18}.",
+        reasoning_source="reasoning_content",
+    )
     assert trace["correct"] is True
     assert trace["response"] == "3 bags of 6 make 18.\nThe final answer is \\boxed{18}."
 
 
-_SPECIAL = st.sampled_from(["<think>", "</think>", "<answer>", "</answer>", "<|im_end|>", "<|im_start|>",
-                            "\\boxed{7}", "\\boxed{", "}", "{", "\n", "$", "#### 3", "Final Answer", " "])
+_SPECIAL = st.sampled_from(
+    [
+        "<think>",
+        "</think>",
+        "<answer>",
+        "</answer>",
+        "<|im_end|>",
+        "<|im_start|>",
+        "\\boxed{7}",
+        "\\boxed{",
+        "}",
+        "{",
+        "\n",
+        "$",
+        "#### 3",
+        "Final Answer",
+        " ",
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(parts=st.lists(st.one_of(st.text(max_size=12), _SPECIAL), max_size=25),
-       gold=st.integers(0, 10**6).map(str), style=st.sampled_from(["r1_zero", "qwen_boxed"]))
+@given(
+    parts=st.lists(st.one_of(st.text(max_size=12), _SPECIAL), max_size=25),
+    gold=st.integers(0, 10**6).map(str),
+    style=st.sampled_from(["r1_zero", "qwen_boxed"]),
+)
 def test_any_content_ending_in_the_gold_box_grades_right_and_keeps_the_format(parts, gold, style):
     """Whatever junk precedes it, a trace whose content commits to the gold answer is correct and
     its response scores reward 1 under the style's own reward function (markup never leaks in)."""
@@ -145,6 +236,9 @@ def test_any_content_ending_in_the_gold_box_grades_right_and_keeps_the_format(pa
     trace, _ = make_trace_row(row, style, "t", 0, content)
     if "<answer>" in content[: content.rfind("\\boxed")] and trace["teacher_answer"] != gold:
         return  # the teacher committed to something else inside answer tags: a wrong trace, fine
+    if trace["reject_reason"] == "empty":  # the junk cleaned away to nothing: an answer-only trace
+        assert trace["correct"] is False and clean_reasoning(content)[0] == ""
+        return
     assert trace["correct"] is True
     assert get_reward_fn(style)(trace["response"], gold)["reward"] == 1.0
     body = trace["response"].rsplit("</think>", 1)[0] if style == "r1_zero" else trace["response"]

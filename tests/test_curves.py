@@ -18,7 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from mathpt.algorithms import ALGOS, parse_model_name as parse_run_name  # noqa: E402
+from mathpt.algorithms import ALGOS  # noqa: E402
+from mathpt.algorithms import parse_model_name as parse_run_name
 from mathpt.curves import make_figures, plot_training_curves, series  # noqa: E402
 from mathpt.io import DataError  # noqa: E402
 
@@ -31,11 +32,19 @@ def write_metrics(path: Path, algo: str, seed: int, steps: int = 12, eval_every:
     rng = np.random.default_rng(seed * 10 + len(algo))
     rows, expect = [], {"reward_mean": {}, "accuracy": {}, "loss": {}}
     for step in range(steps):
-        row = {"kind": "train", "step": step, "time": 0.0, "loss": float(rng.normal()),
-               "entropy": float(rng.uniform(0, 3))}
+        row = {
+            "kind": "train",
+            "step": step,
+            "time": 0.0,
+            "loss": float(rng.normal()),
+            "entropy": float(rng.uniform(0, 3)),
+        }
         if algo != "sft":
-            row |= {"reward_mean": float(rng.uniform()), "response_length_mean": float(rng.uniform(5, 50)),
-                    "response_length_max": int(rng.integers(50, 100))}
+            row |= {
+                "reward_mean": float(rng.uniform()),
+                "response_length_mean": float(rng.uniform(5, 50)),
+                "response_length_max": int(rng.integers(50, 100)),
+            }
             expect["reward_mean"][step] = row["reward_mean"]
         expect["loss"][step] = row["loss"]
         rows.append(row)
@@ -163,7 +172,8 @@ def test_snakemake_report_builds_with_captions(tmp_path):
     shutil.copytree(REPO / "report", tmp_path / "report")
     write_metrics(tmp_path / "metrics" / "grpo_clip-seed0.jsonl", "grpo_clip", 0)
     write_metrics(tmp_path / "metrics" / "sft-seed0.jsonl", "sft", 0)
-    (tmp_path / "Snakefile").write_text(textwrap.dedent(f"""
+    (tmp_path / "Snakefile").write_text(
+        textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO)!r})
         report: "report/workflow.rst"
@@ -191,18 +201,26 @@ def test_snakemake_report_builds_with_captions(tmp_path):
                 paths = plot_training_curves({{}}, "scratch")
                 shutil.copy(paths["reward_val"], output.forest)
                 shutil.copy(paths["reward_val"], output.accuracy)
-    """))
+    """)
+    )
     run = [sys.executable, "-m", "snakemake", "--cores", "1", "--directory", str(tmp_path)]
     out = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     report = tmp_path / "results" / "report.html"
     report.parent.mkdir()  # snakemake --report does not create the report's folder
-    out = subprocess.run(run + ["--report", str(report)], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        run + ["--report", str(report)], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     page = _visible_text(report.read_text(encoding="utf-8"))
-    for name in ("workflow", "forest", "accuracy", "curves_reward_val", "curves_loss_entropy",
-                 "curves_response_length"):
+    for name in (
+        "workflow",
+        "forest",
+        "accuracy",
+        "curves_reward_val",
+        "curves_loss_entropy",
+        "curves_response_length",
+    ):
         text = _visible_text((REPO / "report" / f"{name}.rst").read_text())
         assert text[:120] in page, name
     for fig in ("reward_val.png", "loss_entropy.png", "response_length.png", "forest.png", "accuracy.png"):

@@ -35,7 +35,11 @@ def test_real_gsm8k_counts_and_manifest(prepared, gsm8k_dir):
     assert manifest["counts"] == {"train": 6961, "val": 512, "test": 1319}
     assert json.loads((out / "manifest.json").read_text()) == manifest
     for s in ("train", "test"):
-        assert manifest["source"]["inputs"][s]["sha256"] == GSM8K_SHA256[s] == sha256_file(gsm8k_dir / f"{s}.jsonl")
+        assert (
+            manifest["source"]["inputs"][s]["sha256"]
+            == GSM8K_SHA256[s]
+            == sha256_file(gsm8k_dir / f"{s}.jsonl")
+        )
     for s in ("train", "val", "test"):
         assert manifest["outputs"][s]["sha256"] == sha256_file(out / f"{s}.jsonl")
     assert manifest["seed"] == 0 and manifest["val_size"] == 512
@@ -66,10 +70,13 @@ def test_comma_answers_and_annotations_stripped(prepared):
     out, _ = prepared
     rows = {r["id"]: r for s in ("train", "val") for r in read_jsonl(out / f"{s}.jsonl")}
     assert rows["train-00000"]["solution"] == (
-        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May.")
+        "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and May."
+    )
     assert rows["train-00000"]["answer"] == "72"
     assert parse_gsm8k_answer("He has 1,000 + 200 = <<1000+200=1200>>1,200.\n#### 1,200") == (
-        "He has 1,000 + 200 = 1,200.", "1200")
+        "He has 1,000 + 200 = 1,200.",
+        "1200",
+    )
     assert strip_calculator_annotations("$<<12/60=0.2>>0.2 and <<2*3=6>>6") == "$0.2 and 6"
 
 
@@ -85,8 +92,13 @@ def test_split_deterministic_and_seeded(prepared, gsm8k_dir, tmp_path):
 def test_limits_apply_after_split(prepared, gsm8k_dir, tmp_path):
     out, _ = prepared
     full_val = {r["id"] for r in read_jsonl(out / "val.jsonl")}
-    m = prepare_data({"name": "gsm8k", "dir": str(gsm8k_dir)}, tmp_path, val_size=512, seed=0,
-                     limits={"train": 50, "val": 20, "test": 30})
+    m = prepare_data(
+        {"name": "gsm8k", "dir": str(gsm8k_dir)},
+        tmp_path,
+        val_size=512,
+        seed=0,
+        limits={"train": 50, "val": 20, "test": 30},
+    )
     assert m["counts"] == {"train": 50, "val": 20, "test": 30}
     train = {r["id"] for r in read_jsonl(tmp_path / "train.jsonl")}
     val = {r["id"] for r in read_jsonl(tmp_path / "val.jsonl")}
@@ -96,8 +108,13 @@ def test_limits_apply_after_split(prepared, gsm8k_dir, tmp_path):
 
 def test_env_dir_wins(gsm8k_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(ENV_DIR, str(gsm8k_dir))
-    m = prepare_data({"name": "gsm8k", "dir": str(tmp_path / "nowhere")}, tmp_path / "o", val_size=10, seed=0,
-                     limits={"train": 5, "val": 5, "test": 5})
+    m = prepare_data(
+        {"name": "gsm8k", "dir": str(tmp_path / "nowhere")},
+        tmp_path / "o",
+        val_size=10,
+        seed=0,
+        limits={"train": 5, "val": 5, "test": 5},
+    )
     assert m["source"]["dir"] == str(gsm8k_dir)
 
 
@@ -109,20 +126,24 @@ def _write_source(d, train_lines, test_lines=None):
     return good
 
 
-@pytest.mark.parametrize("bad, message", [
-    ("{not json", "invalid JSON"),
-    (json.dumps({"question": "q"}), "missing key 'answer'"),
-    (json.dumps({"question": "q", "answer": "no final line"}), "no '#### N' line"),
-    (json.dumps({"question": "q", "answer": "x\n#### seven"}), "not a number"),
-    (json.dumps(["q", "a"]), "expected a JSON object"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ("{not json", "invalid JSON"),
+        (json.dumps({"question": "q"}), "missing key 'answer'"),
+        (json.dumps({"question": "q", "answer": "no final line"}), "no '#### N' line"),
+        (json.dumps({"question": "q", "answer": "x\n#### seven"}), "not a number"),
+        (json.dumps(["q", "a"]), "expected a JSON object"),
+    ],
+)
 def test_malformed_row_names_file_and_line(tmp_path, bad, message):
     good = json.dumps({"question": "What is 1+1?", "answer": "1+1 = <<1+1=2>>2\n#### 2"})
     d = tmp_path / "src"
     _write_source(d, [good, "", good, bad, good])  # blank line 2 is skipped but counted
     with pytest.raises(DataError, match=re.escape(f"{d / 'train.jsonl'}:4: ") + ".*" + re.escape(message)):
-        prepare_data({"name": "gsm8k", "dir": str(d)}, tmp_path / "out", val_size=1, seed=0,
-                     limits={"train": 1})
+        prepare_data(
+            {"name": "gsm8k", "dir": str(d)}, tmp_path / "out", val_size=1, seed=0, limits={"train": 1}
+        )
     assert not (tmp_path / "out" / "manifest.json").exists()
 
 
@@ -140,13 +161,96 @@ def test_bad_val_size_and_limits(tmp_path):
         prepare_data({"name": "gsm8k", "dri": str(d)}, tmp_path / "o")
 
 
-def test_missing_dir_fails_clearly(tmp_path):
+def test_missing_files_in_an_existing_dir_fail_clearly(tmp_path):
+    (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="train.jsonl: file not found"):
-        prepare_data({"name": "gsm8k", "dir": str(tmp_path / "nowhere")}, tmp_path / "o")
+        prepare_data({"name": "gsm8k", "dir": str(tmp_path / "empty")}, tmp_path / "o")
+
+
+def test_local_source_without_a_dir_says_what_to_set(tmp_path):
+    with pytest.raises(
+        DataError, match=f"'local'.*data.local_dir={tmp_path / 'nowhere'}.*does not exist.*{ENV_DIR}"
+    ):
+        prepare_data({"name": "gsm8k", "origin": "local", "dir": str(tmp_path / "nowhere")}, tmp_path / "o")
+    with pytest.raises(DataError, match="nothing"):
+        prepare_data({"name": "gsm8k", "origin": "local", "dir": None}, tmp_path / "o")
+
+
+def test_auto_env_dir_that_does_not_exist_is_an_error_not_a_fallback(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_DIR, str(tmp_path / "typo"))
+    with pytest.raises(DataError, match=f"{ENV_DIR}={tmp_path / 'typo'}.*does not exist"):
+        prepare_data({"name": "gsm8k", "origin": "auto", "dir": None}, tmp_path / "o")
+
+
+def test_auto_uses_the_local_dir_when_it_exists(tmp_path):
+    d = tmp_path / "src"
+    _write_source(d, [json.dumps({"question": f"q{i}", "answer": f"#### {i}"}) for i in range(5)])
+    m = prepare_data({"name": "gsm8k", "origin": "auto", "dir": str(d)}, tmp_path / "o", val_size=1)
+    assert (m["source"]["requested"], m["source"]["origin"], m["source"]["dir"]) == ("auto", "local", str(d))
+    assert m["source"]["inputs"]["train"]["sha256"] == sha256_file(d / "train.jsonl")
+
+
+def _fake_hub(monkeypatch, n_train=6, n_test=3):
+    """datasets.load_dataset replaced by an in-memory GSM8K; the reachability probe passes."""
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants as c
+
+    import mathpt.data
+
+    calls = []
+
+    def load_dataset(path, name=None, **kw):
+        calls.append((path, name))
+        rows = {
+            s: [
+                {"question": f"{s} q{i}?", "answer": f"{i}+1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}
+                for i in range(n)
+            ]
+            for s, n in (("train", n_train), ("test", n_test))
+        }
+        return datasets.DatasetDict({s: datasets.Dataset.from_list(r) for s, r in rows.items()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(mathpt.data, "_probe_hub", lambda endpoint: None)
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    return calls
+
+
+@pytest.mark.parametrize("origin", ["auto", "hub"])
+def test_hub_path_loads_openai_gsm8k_main(tmp_path, monkeypatch, origin):
+    """No local copy: auto (and hub) read openai/gsm8k config main through datasets.load_dataset."""
+    calls = _fake_hub(monkeypatch)
+    m = prepare_data(
+        {"name": "gsm8k", "origin": origin, "dir": str(tmp_path / "nowhere")},
+        tmp_path / "o",
+        val_size=2,
+        seed=0,
+    )
+    assert calls == [("openai/gsm8k", "main")]
+    src = m["source"]
+    assert (src["requested"], src["origin"], src["hub_id"], src["hub_config"]) == (
+        origin,
+        "hub",
+        "openai/gsm8k",
+        "main",
+    )
+    assert m["counts"] == {"train": 4, "val": 2, "test": 3}
+    test = read_jsonl(tmp_path / "o" / "test.jsonl")
+    assert [r["answer"] for r in test] == ["1", "2", "3"] and test[1]["solution"] == "1+1 = 2"
+    # The manifest's checksum is of the rows themselves: a changed row changes it.
+    rows = "".join(
+        json.dumps({"question": f"train q{i}?", "answer": f"{i}+1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"})
+        + "\n"
+        for i in range(6)
+    )
+    import hashlib
+
+    assert src["inputs"]["train"]["sha256_rows"] == hashlib.sha256(rows.encode()).hexdigest()
 
 
 def test_hub_offline_fails_fast(tmp_path, monkeypatch):
-    """Without a local dir the hub is used; unreachable, it fails quickly with a hint at the env var."""
+    """No local copy and an unreachable hub: one quick error that names both ways out."""
     import time
 
     pytest.importorskip("datasets")
@@ -156,9 +260,11 @@ def test_hub_offline_fails_fast(tmp_path, monkeypatch):
     monkeypatch.setattr(c, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", False)
     t0 = time.monotonic()
-    with pytest.raises(MathptError, match=ENV_DIR):
-        prepare_data({"name": "gsm8k"}, tmp_path / "o")
+    with pytest.raises(MathptError) as e:
+        prepare_data({"name": "gsm8k", "origin": "auto", "dir": str(tmp_path / "nowhere")}, tmp_path / "o")
+    msg = str(e.value)
     assert time.monotonic() - t0 < 10
+    assert ENV_DIR in msg and "data.local_dir" in msg and "HF hub" in msg and "does not exist" in msg
 
 
 def test_arith_source(tmp_path):

@@ -69,7 +69,9 @@ def test_sampling_n_seed_and_raw_logprobs(engine):
 def test_token_id_prompts_equal_text_prompts(engine):
     params = SamplingConfig(max_new_tokens=5, temperature=0.0)
     ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS]
-    assert [g.token_ids for g in engine.generate(ids, params)] == [g.token_ids for g in engine.generate(PROMPTS, params)]
+    assert [g.token_ids for g in engine.generate(ids, params)] == [
+        g.token_ids for g in engine.generate(PROMPTS, params)
+    ]
 
 
 def test_stop_strings_and_special_stop_tokens(engine):
@@ -81,11 +83,15 @@ def test_stop_strings_and_special_stop_tokens(engine):
     # make the model emit a chosen token: bias the output embedding towards it
     free = engine.generate(["How many"], SamplingConfig(max_new_tokens=4, temperature=0.0))[0]
     stop_piece = tok.decode(free.token_ids[:2])
-    gen = engine.generate(["How many"], SamplingConfig(max_new_tokens=10, temperature=0.0, stop=(stop_piece,)))[0]
+    gen = engine.generate(
+        ["How many"], SamplingConfig(max_new_tokens=10, temperature=0.0, stop=(stop_piece,))
+    )[0]
     assert gen.finish_reason == "stop" and gen.text.endswith(stop_piece) and len(gen.token_ids) <= 2
     assert free.finish_reason == "length" and free.truncated
     # in a batch, a row that stops early is padded by generate: the padding must not leak out
-    batch = engine.generate(["How many", *PROMPTS], SamplingConfig(max_new_tokens=10, temperature=0.0, stop=(stop_piece,)))
+    batch = engine.generate(
+        ["How many", *PROMPTS], SamplingConfig(max_new_tokens=10, temperature=0.0, stop=(stop_piece,))
+    )
     assert batch[0].token_ids == gen.token_ids and batch[0].text == gen.text
 
 

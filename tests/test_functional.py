@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_qwen
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -44,23 +45,6 @@ def random_mask(gen: torch.Generator, b: int, t: int) -> torch.Tensor:
     return mask
 
 
-def tiny_qwen(vocab: int = 97, seed: int = 0, dtype=torch.float64):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=128,
-    )
-    return Qwen2ForCausalLM(cfg).to(dtype)
-
-
 # ----------------------------------------------------------------------------- tokenization
 
 
@@ -68,7 +52,10 @@ def tiny_qwen(vocab: int = 97, seed: int = 0, dtype=torch.float64):
 def tokenizer():
     from mathpt.models import train_tokenizer
 
-    texts = ["Natalia sold clips to 48 of her friends in April.", "How many clips did she sell? 72 <answer>"] * 4
+    texts = [
+        "Natalia sold clips to 48 of her friends in April.",
+        "How many clips did she sell? 72 <answer>",
+    ] * 4
     return train_tokenizer(texts, 300)
 
 
@@ -139,7 +126,12 @@ def test_chunked_head_forward_and_backward_match_float64(seed, with_bias):
     chunk = int(torch.randint(1, b * t + 2, (1,), generator=gen))
     leaves = [x.detach().float().requires_grad_(True) for x in leaves64]
     out = F.chunked_log_probs_from_hidden(
-        leaves[0], leaves[1], labels, leaves[2] if with_bias else None, chunk_size=chunk, return_token_entropy=True
+        leaves[0],
+        leaves[1],
+        labels,
+        leaves[2] if with_bias else None,
+        chunk_size=chunk,
+        return_token_entropy=True,
     )
     ((out["log_probs"] * g_lp.float()).sum() + (out["token_entropy"] * g_ent.float()).sum()).backward()
 
@@ -172,9 +164,9 @@ def test_chunked_head_gradient_without_entropy_and_float64_exact():
         lambda h_, w_: F.chunked_log_probs_from_hidden(h_, w_, labels, chunk_size=3)["log_probs"], (h, w)
     )
     assert torch.autograd.gradcheck(
-        lambda h_, w_: F.chunked_log_probs_from_hidden(h_, w_, labels, chunk_size=2, return_token_entropy=True)[
-            "token_entropy"
-        ],
+        lambda h_, w_: F.chunked_log_probs_from_hidden(
+            h_, w_, labels, chunk_size=2, return_token_entropy=True
+        )["token_entropy"],
         (h, w),
     )
 
@@ -269,7 +261,10 @@ def test_masked_mean_and_normalize_match_float64(seed):
     m = random_mask(gen, b, t)
     for dim in (None, 0, 1, -1):
         np.testing.assert_allclose(
-            F.masked_mean(x, m, dim).numpy(), ref_masked(x.numpy(), m.numpy(), dim, True), rtol=1e-12, atol=1e-12
+            F.masked_mean(x, m, dim).numpy(),
+            ref_masked(x.numpy(), m.numpy(), dim, True),
+            rtol=1e-12,
+            atol=1e-12,
         )
         np.testing.assert_allclose(
             F.masked_normalize(x, m, 3.5, dim).numpy(),
@@ -329,7 +324,11 @@ def ref_group_adv(rewards: list[float], g: int, eps: float, by_std: bool) -> np.
 
 def fake_reward_fn(response: str, gt: str) -> dict:
     r = float(response.count("x")) / 3.0 + (1.0 if response.endswith(gt) else 0.0)
-    return {"reward": r, "format_reward": float("x" in response), "answer_reward": float(response.endswith(gt))}
+    return {
+        "reward": r,
+        "format_reward": float("x" in response),
+        "answer_reward": float(response.endswith(gt)),
+    }
 
 
 @pytest.mark.parametrize("by_std", [True, False])
@@ -356,7 +355,9 @@ def test_group_normalized_rewards_match_reference(by_std):
     by_std=st.booleans(),
 )
 def test_group_advantages_invariants(groups, g, data, by_std):
-    rewards = data.draw(st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=groups * g, max_size=groups * g))
+    rewards = data.draw(
+        st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=groups * g, max_size=groups * g)
+    )
     const_group = data.draw(st.integers(0, groups - 1))
     rewards[const_group * g : (const_group + 1) * g] = [rewards[const_group * g]] * g  # one group all equal
     responses = [str(r) for r in rewards]
@@ -488,3 +489,48 @@ def test_compiled_head_falls_back_to_eager_when_compiling_fails(monkeypatch):
         got = F.chunked_log_probs_from_hidden(h, w, labels, chunk_size=2)["log_probs"]
     want = ref_log_probs((h @ w.T).numpy(), labels.numpy())
     np.testing.assert_allclose(got.numpy(), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_policy_drift_sums_match_numpy_reference(seed):
+    lp, old, adv, _, m = _pg_inputs(100 + seed)
+    lp[~m] = float("nan")  # masked positions never leak into the sums
+    got = F.policy_drift_sums(lp, old, m, adv, 0.2)
+    mk = m.numpy()
+    d = (lp.numpy() - old.numpy())[mk]
+    r = np.exp(d)
+    _, clipped = ref_grpo(np.broadcast_to(adv.numpy(), lp.shape)[mk], lp.numpy()[mk], old.numpy()[mk], 0.2)
+    want = {
+        "tokens": mk.sum(),
+        "abs_gap": np.abs(d).sum(),
+        "abs_gap_max": np.abs(d).max(),
+        "k3": ((r - 1) - d).sum(),
+        "clipped": clipped.sum(),
+        "ratio": r.sum(),
+        "ratio_min": r.min(),
+        "ratio_max": r.max(),
+    }
+    for k, v in want.items():
+        assert float(got[k]) == pytest.approx(float(v), rel=1e-12, abs=1e-12), k
+    assert float(got["k3"]) >= 0
+
+
+def test_grpo_microbatch_train_step_token_weights_scale_the_per_token_loss():
+    lp0, old, adv, raw, m = _pg_inputs(7)
+    w = torch.rand(lp0.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * 2
+    lp = lp0.clone().requires_grad_()
+    F.grpo_microbatch_train_step(
+        lp,
+        m,
+        1,
+        "reinforce_with_baseline",
+        raw,
+        adv,
+        old,
+        0.2,
+        "token_mean",
+        token_weights=w.requires_grad_(),
+    )
+    want = np.where(m.numpy(), -adv.numpy() * w.detach().numpy(), 0.0) / m.sum().item()
+    np.testing.assert_allclose(lp.grad.numpy(), want, rtol=1e-12, atol=1e-15)
+    assert w.grad is None  # the weights are constants

@@ -10,7 +10,19 @@ from mathpt.prompts import format_prompt
 from mathpt.rewards import get_reward_fn
 from mathpt.teachers.gold import gold_traces
 
-TRACE_KEYS = {"id", "question", "answer", "prompt", "response", "teacher", "teacher_answer", "correct", "sample_index"}
+TRACE_KEYS = {
+    "id",
+    "question",
+    "answer",
+    "prompt",
+    "response",
+    "teacher",
+    "teacher_answer",
+    "correct",
+    "sample_index",
+    "finish_reason",
+    "reject_reason",
+}
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +30,9 @@ def rows(gsm8k_train_rows):
     out = []
     for i, raw in enumerate(gsm8k_train_rows[:200]):
         solution, gold = parse_gsm8k_answer(raw["answer"])
-        out.append({"id": f"train-{i:05d}", "question": raw["question"], "solution": solution, "answer": gold})
+        out.append(
+            {"id": f"train-{i:05d}", "question": raw["question"], "solution": solution, "answer": gold}
+        )
     return out
 
 
@@ -32,9 +46,18 @@ def test_gold_traces_follow_contract_and_earn_full_reward(rows, style):
         assert (t["id"], t["question"], t["answer"]) == (row["id"], row["question"], row["answer"])
         assert t["prompt"] == format_prompt(row["question"], style)
         assert t["response"].startswith(row["solution"])
-        assert (t["teacher"], t["teacher_answer"], t["correct"], t["sample_index"]) == ("gold", row["answer"], True, 0)
+        assert (t["teacher"], t["teacher_answer"], t["correct"], t["sample_index"]) == (
+            "gold",
+            row["answer"],
+            True,
+            0,
+        )
         # Graded by the rewards module, the gold response is well formed and correct.
-        assert reward_fn(t["response"], row["answer"]) == {"reward": 1.0, "format_reward": 1.0, "answer_reward": 1.0}
+        assert reward_fn(t["response"], row["answer"]) == {
+            "reward": 1.0,
+            "format_reward": 1.0,
+            "answer_reward": 1.0,
+        }
 
 
 def test_gold_bad_input(rows):
@@ -59,7 +82,9 @@ def test_unformatted_fraction(rows, style):
         if m["correct"]:
             assert m == p
         else:
-            assert m["response"].startswith(row["solution"]) and m["response"].endswith(f"is {row['answer']}.")
+            assert m["response"].startswith(row["solution"]) and m["response"].endswith(
+                f"is {row['answer']}."
+            )
             assert reward_fn(m["response"], row["answer"])["reward"] == 0.0
     assert all(not t["correct"] for t in gold_traces(rows, style, unformatted_fraction=1.0))
     assert gold_traces(rows, style, unformatted_fraction=0.0) == plain
@@ -75,5 +100,10 @@ def test_unformatted_fraction_is_gold_only(tmp_path, rows):
     from mathpt.teachers.dispatch import generate_traces
 
     with pytest.raises(MathptError, match="only the gold teacher"):
-        generate_traces({"kind": "api", "model": "m", "base_url": "http://127.0.0.1:9/v1", "unformatted_fraction": 0.5},
-                        rows, "qwen_boxed", tmp_path / "t.jsonl", tmp_path)
+        generate_traces(
+            {"kind": "api", "model": "m", "base_url": "http://127.0.0.1:9/v1", "unformatted_fraction": 0.5},
+            rows,
+            "qwen_boxed",
+            tmp_path / "t.jsonl",
+            tmp_path,
+        )

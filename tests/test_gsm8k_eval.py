@@ -83,7 +83,8 @@ def test_chunks_are_shard_independent():
 
 
 class FakeEngine:
-    """Answers problem i correctly when i is even; responses of i+1 tokens; truncated when i % 3 == 0."""
+    """Answers problem i correctly when i is even; responses of i+1 tokens; truncated when i % 3 == 0;
+    without the answer format ("The answer is N.") when i % 5 == 4."""
 
     def __init__(self, by_prompt: dict[str, tuple[int, str]]):
         self.by_prompt = by_prompt
@@ -96,9 +97,22 @@ class FakeEngine:
         for j, p in enumerate(prompts):
             i, gold = self.by_prompt[p]
             answer = gold if i % 2 == 0 else str(int(gold) + 1)
-            out.append(Generation(prompt_index=j, sample_index=0, text=f"some steps</think> <answer>{answer}</answer>",
-                                  token_ids=list(range(i + 1)), logprobs=None,
-                                  finish_reason="length" if i % 3 == 0 else "stop", weight_version=7))
+            text = (
+                f"some steps. The answer is {answer}."
+                if i % 5 == 4
+                else f"some steps</think> <answer>{answer}</answer>"
+            )
+            out.append(
+                Generation(
+                    prompt_index=j,
+                    sample_index=0,
+                    text=text,
+                    token_ids=list(range(i + 1)),
+                    logprobs=None,
+                    finish_reason="length" if i % 3 == 0 else "stop",
+                    weight_version=7,
+                )
+            )
         return out
 
     def close(self):
@@ -112,20 +126,39 @@ def test_rows_and_summary_follow_the_contract(data, tiny_model_dir, tmp_path, mo
     fake = FakeEngine({p: (i, r["answer"]) for i, (p, r) in enumerate(zip(prompts, test, strict=True))})
     monkeypatch.setattr(gsm8k_eval, "make_engine", lambda name, path, **kw: fake)
 
-    rows, summary = run_gsm8k_eval(tiny_model_dir, data["test"], train, k_shot=2, style="r1_zero",
-                                   max_new_tokens=16, engine="hf", devices=["cpu"], fewshot_seed=5,
-                                   limit=10, batch_size=4)
+    rows, summary = run_gsm8k_eval(
+        tiny_model_dir,
+        data["test"],
+        train,
+        k_shot=2,
+        style="r1_zero",
+        max_new_tokens=16,
+        engine="hf",
+        devices=["cpu"],
+        fewshot_seed=5,
+        limit=10,
+        batch_size=4,
+    )
     assert fake.calls == [4, 4, 2]
     assert [r["index"] for r in rows] == list(range(10))
     assert [r["id"] for r in rows] == [r["id"] for r in test]
     assert [r["prompt_hash"] for r in rows] == [sha256_text(p) for p in prompts]
     assert all(set(r) == set(ROW_TYPES) for r in rows)
-    assert [r["correct"] for r in rows] == [i % 2 == 0 for i in range(10)]
-    assert [r["extracted"] for r in rows] == [r["answer"] if i % 2 == 0 else str(int(r["answer"]) + 1)
-                                              for i, r in enumerate(test)]
+    formatted = [i % 5 != 4 for i in range(10)]
+    assert [r["formatted"] for r in rows] == formatted
+    assert [r["correct_any_format"] for r in rows] == [i % 2 == 0 for i in range(10)]
+    assert [r["correct"] for r in rows] == [i % 2 == 0 and f for i, f in enumerate(formatted)]
+    assert [r["extracted"] for r in rows] == [
+        r["answer"] if i % 2 == 0 else str(int(r["answer"]) + 1) for i, r in enumerate(test)
+    ]
     assert [r["truncated"] for r in rows] == [i % 3 == 0 for i in range(10)]
     assert [r["generated_tokens"] for r in rows] == [i + 1 for i in range(10)]
-    assert summary["n"] == 10 and summary["accuracy"] == pytest.approx(0.5)
+    assert summary["n"] == 10 and summary["accuracy"] == pytest.approx(
+        0.4
+    )  # problem 4 is right but unformatted
+    assert summary["accuracy_any_format"] == pytest.approx(0.5) and summary["format_rate"] == pytest.approx(
+        0.8
+    )
     assert summary["truncated_fraction"] == pytest.approx(4 / 10)
     assert summary["mean_generated_tokens"] == pytest.approx(5.5)
     assert summary["fewshot_ids"] == [e["id"] for e in examples]
@@ -139,12 +172,23 @@ def test_rows_and_summary_follow_the_contract(data, tiny_model_dir, tmp_path, mo
 
 def test_context_overflow_fails_up_front(data, tiny_model_dir):
     with pytest.raises(MathptError, match="k_shot"):
-        run_gsm8k_eval(tiny_model_dir, data["test"], data["train"], k_shot=2, style="r1_zero",
-                       max_new_tokens=4096, engine="hf", devices=["cpu"], limit=2)
+        run_gsm8k_eval(
+            tiny_model_dir,
+            data["test"],
+            data["train"],
+            k_shot=2,
+            style="r1_zero",
+            max_new_tokens=4096,
+            engine="hf",
+            devices=["cpu"],
+            limit=2,
+        )
 
 
 def test_shard_count_leaves_rows_identical(data, varied_model_dir):
-    kw = dict(k_shot=1, style="qwen_boxed", max_new_tokens=12, engine="hf", devices=["cpu"], limit=7, batch_size=2)
+    kw = dict(
+        k_shot=1, style="qwen_boxed", max_new_tokens=12, engine="hf", devices=["cpu"], limit=7, batch_size=2
+    )
     rows1, s1 = run_gsm8k_eval(varied_model_dir, data["test"], data["train"], num_shards=1, **kw)
     rows3, s3 = run_gsm8k_eval(varied_model_dir, data["test"], data["train"], num_shards=3, inline=True, **kw)
     assert len({r["response"] for r in rows1}) > 1  # the model's output depends on the problem
@@ -157,14 +201,34 @@ def test_shard_count_leaves_rows_identical(data, varied_model_dir):
     [
         (lambda lines: lines.__setitem__(2, "{not json"), ":3: invalid JSON"),
         (lambda lines: lines.__setitem__(1, json.dumps({"index": 1})), ":2: missing key"),
-        (lambda lines: lines.__setitem__(3, lines[3].replace('"correct": false', '"correct": "no"')), ":4: key 'correct'"),
-        (lambda lines: lines.__setitem__(0, lines[0].replace('"index": 0', '"index": true')), ":1: key 'index'"),
+        (
+            lambda lines: lines.__setitem__(3, lines[3].replace('"correct": false', '"correct": "no"')),
+            ":4: key 'correct'",
+        ),
+        (
+            lambda lines: lines.__setitem__(0, lines[0].replace('"index": 0', '"index": true')),
+            ":1: key 'index'",
+        ),
         (lambda lines: lines.__delitem__(1), ":2: index 2 out of order"),
     ],
 )
 def test_malformed_eval_file_names_path_and_line(tmp_path, mutate, message):
-    rows = [{"index": i, "id": f"test-{i:05d}", "prompt_hash": "h", "response": "r", "extracted": None,
-             "gold": "1", "correct": False, "generated_tokens": 3, "truncated": False} for i in range(5)]
+    rows = [
+        {
+            "index": i,
+            "id": f"test-{i:05d}",
+            "prompt_hash": "h",
+            "response": "r",
+            "extracted": None,
+            "gold": "1",
+            "correct": False,
+            "formatted": False,
+            "correct_any_format": False,
+            "generated_tokens": 3,
+            "truncated": False,
+        }
+        for i in range(5)
+    ]
     path = tmp_path / "gsm8k.jsonl"
     lines = [json.dumps(r) for r in rows]
     mutate(lines)
@@ -177,16 +241,27 @@ def test_malformed_eval_file_names_path_and_line(tmp_path, mutate, message):
 @pytest.mark.slow
 def test_spawned_hf_shards_match_one_shard(data, varied_model_dir):
     kw = dict(k_shot=1, style="r1_zero", max_new_tokens=12, engine="hf", limit=6, batch_size=2)
-    rows1, _ = run_gsm8k_eval(varied_model_dir, data["test"], data["train"], num_shards=1, devices=["cpu"], **kw)
-    rows2, _ = run_gsm8k_eval(varied_model_dir, data["test"], data["train"], num_shards=2,
-                              devices=["cpu", "cpu"], **kw)
+    rows1, _ = run_gsm8k_eval(
+        varied_model_dir, data["test"], data["train"], num_shards=1, devices=["cpu"], **kw
+    )
+    rows2, _ = run_gsm8k_eval(
+        varied_model_dir, data["test"], data["train"], num_shards=2, devices=["cpu", "cpu"], **kw
+    )
     assert rows2 == rows1
 
 
 @pytest.mark.slow
 def test_vllm_engine_eval_is_shard_invariant(data, varied_model_dir):
-    kw = dict(k_shot=1, style="r1_zero", max_new_tokens=12, engine="vllm", limit=6, batch_size=3,
-              devices=["cpu"], engine_kwargs={"gpu_memory_utilization": 0.15, "max_model_len": 2048})
+    kw = dict(
+        k_shot=1,
+        style="r1_zero",
+        max_new_tokens=12,
+        engine="vllm",
+        limit=6,
+        batch_size=3,
+        devices=["cpu"],
+        engine_kwargs={"gpu_memory_utilization": 0.15, "max_model_len": 2048},
+    )
     rows1, s1 = run_gsm8k_eval(varied_model_dir, data["test"], data["train"], num_shards=1, **kw)
     rows2, _ = run_gsm8k_eval(varied_model_dir, data["test"], data["train"], num_shards=2, **kw)
     assert len({r["response"] for r in rows1}) > 1

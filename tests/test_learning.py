@@ -55,10 +55,18 @@ def _eval(model_dir: Path, data_dir: Path, cfg: dict) -> list[dict]:
     from mathpt.io import read_jsonl
 
     g = cfg["eval"]["gsm8k"]
-    rows, _ = run_gsm8k_eval(model_dir, read_jsonl(data_dir / "test.jsonl"), read_jsonl(data_dir / "train.jsonl"),
-                             k_shot=g["k_shot"], style=cfg["prompt_style"], max_new_tokens=g["max_new_tokens"],
-                             engine="hf", devices=["cpu"], inline=True,
-                             engine_kwargs={"max_model_len": cfg["runtime"]["max_model_len"]})
+    rows, _ = run_gsm8k_eval(
+        model_dir,
+        read_jsonl(data_dir / "test.jsonl"),
+        read_jsonl(data_dir / "train.jsonl"),
+        k_shot=g["k_shot"],
+        style=cfg["prompt_style"],
+        max_new_tokens=g["max_new_tokens"],
+        engine="hf",
+        devices=["cpu"],
+        inline=True,
+        engine_kwargs={"max_model_len": cfg["runtime"]["max_model_len"]},
+    )
     return rows
 
 
@@ -78,24 +86,46 @@ def learning_run(tmp_path_factory) -> dict:
     validate_config(cfg)
     d = rule_slice(cfg, "data")
     data = work / "data"
-    prepare_data({"name": "arith", **d["arith"]}, data, val_size=d["val_size"], seed=d["seed"], limits=d["limits"])
+    prepare_data(
+        {"name": "arith", **d["arith"]}, data, val_size=d["val_size"], seed=d["seed"], limits=d["limits"]
+    )
     materialize_base_model(cfg["model"], data / "train.jsonl", work / "base")
     style = cfg["prompt_style"]
-    generate_traces(cfg["teacher"], read_jsonl(data / "train.jsonl"), style, work / "traces.jsonl", work / "cache")
-    write_sft_shards(work / "traces.jsonl", work / "base", work / "shards", max_seq_len=cfg["tokenize"]["max_seq_len"],
-                     microbatch_size=cfg["tokenize"]["microbatch_size"])
+    generate_traces(
+        cfg["teacher"], read_jsonl(data / "train.jsonl"), style, work / "traces.jsonl", work / "cache"
+    )
+    write_sft_shards(
+        work / "traces.jsonl",
+        work / "base",
+        work / "shards",
+        max_seq_len=cfg["tokenize"]["max_seq_len"],
+        microbatch_size=cfg["tokenize"]["microbatch_size"],
+    )
     for split in ("train", "val"):
         write_prompt_set(read_jsonl(data / f"{split}.jsonl"), style, work / f"{split}_prompts.jsonl")
 
     def dirs(run: str) -> dict:
-        return dict(out_dir=str(work / "ckpt" / run), run_dir=str(work / "runs" / run), state_dir=str(work / "state" / run))
+        return dict(
+            out_dir=str(work / "ckpt" / run),
+            run_dir=str(work / "runs" / run),
+            state_dir=str(work / "state" / run),
+        )
 
-    train_sft(rule_slice(cfg, "train", algo="sft", seed=SEED), init_dir=str(work / "base"),
-              shards_dir=str(work / "shards"), val_prompts_path=str(work / "val_prompts.jsonl"), **dirs("sft"))
+    train_sft(
+        rule_slice(cfg, "train", algo="sft", seed=SEED),
+        init_dir=str(work / "base"),
+        shards_dir=str(work / "shards"),
+        val_prompts_path=str(work / "val_prompts.jsonl"),
+        **dirs("sft"),
+    )
     sft_rows = _eval(work / "ckpt" / "sft", data, cfg)
-    train_pg(rule_slice(cfg, "train", algo=ALGO, seed=SEED), init_dir=str(work / "ckpt" / "sft"),
-             train_prompts_path=str(work / "train_prompts.jsonl"), val_prompts_path=str(work / "val_prompts.jsonl"),
-             **dirs(ALGO))
+    train_pg(
+        rule_slice(cfg, "train", algo=ALGO, seed=SEED),
+        init_dir=str(work / "ckpt" / "sft"),
+        train_prompts_path=str(work / "train_prompts.jsonl"),
+        val_prompts_path=str(work / "val_prompts.jsonl"),
+        **dirs(ALGO),
+    )
     pg_rows = _eval(work / "ckpt" / ALGO, data, cfg)
     metrics = [json.loads(line) for line in open(work / "runs" / ALGO / "metrics.jsonl")]
     return {"cfg": cfg, "sft": sft_rows, "pg": pg_rows, "metrics": metrics}

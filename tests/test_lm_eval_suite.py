@@ -31,12 +31,14 @@ LIMIT, SHOTS, GEN = 4, 2, 8
 
 
 @pytest.fixture(scope="module")
-def data_dir(gsm8k_dir, tmp_path_factory):
+def data_dir(tmp_path_factory):
+    """60 train and 10 test problems in the pipeline's row format, from the arith generator."""
+    from mathpt.arith import generate_arith
+
     out = tmp_path_factory.mktemp("data")
-    for split, n in (("train", 60), ("test", 10)):
-        with open(gsm8k_dir / f"{split}.jsonl") as f:
-            raw = [json.loads(line) for _, line in zip(range(n), f, strict=False)]
-        rows = [to_row(r, f"{split}-{i:05d}", f"{split}:{i + 1}") for i, r in enumerate(raw)]
+    gen = generate_arith(60, 10, seed=1)
+    for split in ("train", "test"):
+        rows = [to_row(r, f"{split}-{i:05d}", f"{split}:{i + 1}") for i, r in enumerate(gen[split])]
         (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 
@@ -44,9 +46,18 @@ def data_dir(gsm8k_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def hf_suite(tiny_model_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("lm_eval") / "out"
-    summary = run_lm_eval_suite(tiny_model_dir, list(LOCAL_TASKS), num_fewshot=SHOTS, backend="hf", out_dir=out,
-                                local_data_dir=data_dir, max_gen_toks=GEN, devices=["cpu"], limit=LIMIT,
-                                offline=True)
+    summary = run_lm_eval_suite(
+        tiny_model_dir,
+        list(LOCAL_TASKS),
+        num_fewshot=SHOTS,
+        backend="hf",
+        out_dir=out,
+        local_data_dir=data_dir,
+        max_gen_toks=GEN,
+        devices=["cpu"],
+        limit=LIMIT,
+        offline=True,
+    )
     return summary, out
 
 
@@ -103,30 +114,67 @@ def test_local_tasks_offline_with_hf_backend(hf_suite, tiny_model_dir, data_dir)
 def test_hub_task_fails_fast_offline(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     t0 = time.time()
     with pytest.raises(MathptError, match=r"\['mmlu'\].*offline.*gsm8k_local"):
-        run_lm_eval_suite(tiny_model_dir, ["gsm8k_local", "mmlu"], num_fewshot=4, backend="hf",
-                          out_dir=tmp_path / "o", local_data_dir=data_dir, devices=["cpu"], offline=True)
+        run_lm_eval_suite(
+            tiny_model_dir,
+            ["gsm8k_local", "mmlu"],
+            num_fewshot=4,
+            backend="hf",
+            out_dir=tmp_path / "o",
+            local_data_dir=data_dir,
+            devices=["cpu"],
+            offline=True,
+        )
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # offline detected from the environment too
     with pytest.raises(MathptError, match="arc_challenge"):
-        run_lm_eval_suite(tiny_model_dir, ["arc_challenge"], num_fewshot=4, backend="hf",
-                          out_dir=tmp_path / "o", devices=["cpu"])
+        run_lm_eval_suite(
+            tiny_model_dir,
+            ["arc_challenge"],
+            num_fewshot=4,
+            backend="hf",
+            out_dir=tmp_path / "o",
+            devices=["cpu"],
+        )
     assert time.time() - t0 < 5 and not (tmp_path / "o").exists()
 
 
 def test_local_tasks_check_their_data(tiny_model_dir, data_dir, tmp_path):
     with pytest.raises(MathptError, match="local_data_dir"):
-        run_lm_eval_suite(tiny_model_dir, ["wikitext_local"], num_fewshot=0, backend="hf",
-                          out_dir=tmp_path / "o", devices=["cpu"], offline=True)
+        run_lm_eval_suite(
+            tiny_model_dir,
+            ["wikitext_local"],
+            num_fewshot=0,
+            backend="hf",
+            out_dir=tmp_path / "o",
+            devices=["cpu"],
+            offline=True,
+        )
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "train.jsonl").write_text((data_dir / "train.jsonl").read_text())
     (bad / "test.jsonl").write_text('{"question": "q", "solution": "s", "answer": "1"}\n{"question": "q"}\n')
     with pytest.raises(DataError, match=re.escape(str(bad / "test.jsonl")) + ":2: missing key"):
-        run_lm_eval_suite(tiny_model_dir, ["wikitext_local"], num_fewshot=0, backend="hf",
-                          out_dir=tmp_path / "o", local_data_dir=bad, devices=["cpu"], offline=True)
+        run_lm_eval_suite(
+            tiny_model_dir,
+            ["wikitext_local"],
+            num_fewshot=0,
+            backend="hf",
+            out_dir=tmp_path / "o",
+            local_data_dir=bad,
+            devices=["cpu"],
+            offline=True,
+        )
 
 
 def test_assign_tasks_covers_every_task_once_and_balances():
-    tasks = ["hendrycks_math500", "mmlu", "arc_challenge", "hellaswag", "winogrande", "truthfulqa_mc2", "wikitext"]
+    tasks = [
+        "hendrycks_math500",
+        "mmlu",
+        "arc_challenge",
+        "hellaswag",
+        "winogrande",
+        "truthfulqa_mc2",
+        "wikitext",
+    ]
     for n in range(1, 9):
         groups = assign_tasks(tasks, n)
         assert sorted(t for g in groups for t in g) == sorted(tasks)
@@ -148,15 +196,27 @@ def test_per_doc_rows_for_groups_and_perplexity():
     samples = {
         "mmlu_a": [sample(1, "none", acc=0.0), sample(0, "none", acc=1.0)],
         "mmlu_b": [sample(0, "none", acc=1.0)],
-        "wikitext": [sample(0, "none", word_perplexity=[-12.5, 3]), sample(1, "none", word_perplexity=[-4.0, 2])],
-        "gsm8k_local": [sample(0, "strict-match", exact_match=0.0), sample(0, "flexible-extract", exact_match=1.0)],
+        "wikitext": [
+            sample(0, "none", word_perplexity=[-12.5, 3]),
+            sample(1, "none", word_perplexity=[-4.0, 2]),
+        ],
+        "gsm8k_local": [
+            sample(0, "strict-match", exact_match=0.0),
+            sample(0, "flexible-extract", exact_match=1.0),
+        ],
     }
     rows, metric, _ = per_doc_rows("mmlu", ["mmlu_a", "mmlu_b"], samples)
-    assert [(r["doc_id"], r["score"]) for r in rows] == [("mmlu_a/0", 1.0), ("mmlu_a/1", 0.0), ("mmlu_b/0", 1.0)]
+    assert [(r["doc_id"], r["score"]) for r in rows] == [
+        ("mmlu_a/0", 1.0),
+        ("mmlu_a/1", 0.0),
+        ("mmlu_b/0", 1.0),
+    ]
     assert metric == "acc"
     rows, _, _ = per_doc_rows("wikitext", ["wikitext"], samples)
-    assert [(r["doc_id"], r["score"], r["metric"]) for r in rows] == [(0, -12.5, "loglikelihood"),
-                                                                    (1, -4.0, "loglikelihood")]
+    assert [(r["doc_id"], r["score"], r["metric"]) for r in rows] == [
+        (0, -12.5, "loglikelihood"),
+        (1, -4.0, "loglikelihood"),
+    ]
     rows, _, filt = per_doc_rows("gsm8k_local", ["gsm8k_local"], samples)
     assert filt == "strict-match" and [r["score"] for r in rows] == [0.0]
     with pytest.raises(MathptError, match="no samples"):
@@ -166,12 +226,23 @@ def test_per_doc_rows_for_groups_and_perplexity():
 @pytest.mark.slow
 def test_task_parallel_workers_match_one_process(hf_suite, tiny_model_dir, data_dir, tmp_path):
     summary1, out1 = hf_suite
-    summary2 = run_lm_eval_suite(tiny_model_dir, list(LOCAL_TASKS), num_fewshot=SHOTS, backend="hf",
-                                 out_dir=tmp_path / "out", local_data_dir=data_dir, max_gen_toks=GEN,
-                                 devices=["cpu", "cpu"], limit=LIMIT, offline=True)
+    summary2 = run_lm_eval_suite(
+        tiny_model_dir,
+        list(LOCAL_TASKS),
+        num_fewshot=SHOTS,
+        backend="hf",
+        out_dir=tmp_path / "out",
+        local_data_dir=data_dir,
+        max_gen_toks=GEN,
+        devices=["cpu", "cpu"],
+        limit=LIMIT,
+        offline=True,
+    )
     assert [w["tasks"] for w in summary2["workers"]] == [["gsm8k_local"], ["wikitext_local"]]
     for task in LOCAL_TASKS:
-        assert read_jsonl(tmp_path / "out" / f"per_doc_{task}.jsonl") == read_jsonl(out1 / f"per_doc_{task}.jsonl")
+        assert read_jsonl(tmp_path / "out" / f"per_doc_{task}.jsonl") == read_jsonl(
+            out1 / f"per_doc_{task}.jsonl"
+        )
     assert read_json(tmp_path / "out" / "summary.json")["versions"] == summary1["versions"]
 
 
@@ -187,10 +258,28 @@ def test_local_completions_against_a_running_vllm_server(hf_suite, tiny_model_di
     port = _free_port()
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "2048",
-         "--enforce-eager", "--gpu-memory-utilization", "0.15"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_model_dir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "2048",
+            "--enforce-eager",
+            "--gpu-memory-utilization",
+            "0.15",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     try:
         deadline = time.time() + 150
         while True:
@@ -201,9 +290,18 @@ def test_local_completions_against_a_running_vllm_server(hf_suite, tiny_model_di
                 if server.poll() is not None or time.time() > deadline:
                     pytest.fail(f"vLLM server did not start: {(tmp_path / 'server.log').read_text()[-2000:]}")
                 time.sleep(1)
-        summary = run_lm_eval_suite(tiny_model_dir, ["wikitext_local"], num_fewshot=0, backend="local-completions",
-                                    base_url=f"http://127.0.0.1:{port}/v1", out_dir=tmp_path / "out",
-                                    local_data_dir=data_dir, max_gen_toks=GEN, limit=LIMIT, offline=True)
+        summary = run_lm_eval_suite(
+            tiny_model_dir,
+            ["wikitext_local"],
+            num_fewshot=0,
+            backend="local-completions",
+            base_url=f"http://127.0.0.1:{port}/v1",
+            out_dir=tmp_path / "out",
+            local_data_dir=data_dir,
+            max_gen_toks=GEN,
+            limit=LIMIT,
+            offline=True,
+        )
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -16,23 +16,12 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "config", "report", "profiles"]
+WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "config", "report", "profiles", "envs"]
 
 
 def micro_config() -> dict:
-    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
-    cfg["data"]["limits"] = {"train": 300, "val": 8, "test": 24}
-    cfg["model"]["tiny"].update(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=1, tokenizer_rows=300)
-    cfg["tokenize"] = {"max_seq_len": 512, "microbatch_size": 16}
-    cfg["runtime"].update(engine="hf")
-    cfg["train"]["sft"].update(epochs=1, eval_every=10, checkpoint_every=10, val_max_new_tokens=24, warmup_steps=2)
-    cfg["train"]["pg"].update(n_steps=2, rollout_batch_size=8, group_size=4, minibatch_size=4, microbatch_size=4,
-                              max_new_tokens=24, eval_every=2, checkpoint_every=1, val_max_new_tokens=24)
-    cfg["eval"]["gsm8k"].update(k_shot=1, max_new_tokens=24)
-    cfg["eval"]["lm_eval"].update(limit=4, max_gen_toks=24, num_fewshot=1)
-    cfg["stats"]["n_resamples"] = 1000
-    cfg["wandb"]["mode"] = "offline"
-    return cfg
+    """The micro pipeline config (tests/assets/micro.yaml): generated arith data, so it runs anywhere."""
+    return yaml.safe_load((REPO / "tests" / "assets" / "micro.yaml").read_text())
 
 
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,16 +29,26 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
     cmd = [sys.executable, "-m", "snakemake", *args, "--cores", "2", "--configfile", "micro.yaml"]
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env, timeout=1800)
     if check and proc.returncode != 0:
-        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in (workdir / "results" / "logs").rglob("*.log"))
-        raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}\n{logs}")
+        logs = "\n".join(
+            f"--- {p}\n{p.read_text()[-3000:]}" for p in (workdir / "results" / "logs").rglob("*.log")
+        )
+        raise AssertionError(
+            f"snakemake {' '.join(args)} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-8000:]}\n{logs}"
+        )
     return proc
 
 
 def scheduled_jobs(workdir: Path, config_file: str = "micro.yaml") -> list[str]:
     """Jobs a dry run would execute, as 'rule' or 'rule[wildcards]' strings."""
     env = {**os.environ, "WANDB_MODE": "offline"}
-    proc = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", config_file],
-                          cwd=workdir, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--cores", "2", "--configfile", config_file],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     jobs, current = [], None
     for line in proc.stdout.splitlines():
@@ -67,13 +66,12 @@ def scheduled_jobs(workdir: Path, config_file: str = "micro.yaml") -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, gsm8k_dir) -> Path:
+def finished_run(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("workflow")
     for part in WORKFLOW_PARTS:
         src = REPO / part
         (shutil.copytree if src.is_dir() else shutil.copy)(src, work / part)
     cfg = micro_config()
-    cfg["data"]["local_dir"] = str(gsm8k_dir)
     (work / "micro.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     snakemake(work, "all")
     return work
@@ -85,7 +83,9 @@ def test_pipeline_produces_ci_table(finished_run):
     pairs = {(r["model_a"], r["model_b"]) for r in table}
     # every trained model vs base, every PG variant vs SFT, the PG variants pairwise
     for algo in ("sft", "no_baseline", "reinforce_with_baseline", "grpo_clip"):
-        assert any(b.startswith(algo) and a == "base" or a.startswith(algo) and b == "base" for a, b in pairs), algo
+        assert any(
+            b.startswith(algo) and a == "base" or a.startswith(algo) and b == "base" for a, b in pairs
+        ), algo
     for r in table:
         assert int(r["n"]) == 24
         lo, hi, diff = float(r["ci_low"]), float(r["ci_high"]), float(r["diff"])
@@ -97,11 +97,25 @@ def test_pipeline_produces_ci_table(finished_run):
     ckpt = finished_run / "results" / "checkpoints" / "grpo_clip-seed0"
     assert (ckpt / "config.json").exists() and (ckpt / "provenance.json").exists()
     assert any(ckpt.glob("*.safetensors"))
-    metrics = [json.loads(x) for x in open(finished_run / "results" / "runs" / "grpo_clip-seed0" / "metrics.jsonl")]
+    metrics = [
+        json.loads(x) for x in open(finished_run / "results" / "runs" / "grpo_clip-seed0" / "metrics.jsonl")
+    ]
     assert any(m.get("kind") == "eval" for m in metrics)
     assert (finished_run / "results" / "plots" / "forest.png").stat().st_size > 1000
     manifest = json.loads((finished_run / "results" / "data" / "manifest.json").read_text())
-    assert manifest
+    assert manifest["source"]["name"] == "arith" and manifest["counts"]["test"] == 24
+
+
+@pytest.mark.slow
+def test_job_logs_hold_their_child_processes_output(finished_run):
+    """Eval shards and the inference worker are child processes: their output is in the job's log."""
+    logs = finished_run / "results" / "logs"
+    for model in ("base", "sft-seed0", "grpo_clip-seed0"):
+        text = (logs / "eval" / f"{model}-gsm8k.log").read_text()
+        assert "gsm8k eval (cpu, pid" in text, text[-2000:]  # the shard process's progress bar
+        assert (logs / "eval" / f"{model}-lm_eval.log").stat().st_size > 0
+    train = (logs / "train" / "grpo_clip-seed0.log").read_text()
+    assert "cpu threads: trainer 1, inference worker 1 (of 2)" in train
 
 
 @pytest.mark.slow
@@ -165,8 +179,14 @@ def test_killed_training_resumes_from_saved_state(finished_run):
     target = "results/checkpoints/grpo_clip-seed0"
     state = finished_run / "results" / "state" / "grpo_clip-seed0" / "state.json"
     cmd = [sys.executable, "-m", "snakemake", target, "--force", "--cores", "2", "--configfile", "micro.yaml"]
-    proc = subprocess.Popen(cmd, cwd=finished_run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, env={**os.environ, "WANDB_MODE": "offline"})
+    proc = subprocess.Popen(
+        cmd,
+        cwd=finished_run,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     deadline = time.monotonic() + 600
     while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -179,8 +199,103 @@ def test_killed_training_resumes_from_saved_state(finished_run):
     log = (finished_run / "results" / "logs" / "train" / "grpo_clip-seed0.log").read_text()
     assert "resuming from" in log and "at step 1" in log
     assert not state.exists()  # cleared once the run finished
-    steps = [json.loads(x)["step"] for x in open(finished_run / "results" / "runs" / "grpo_clip-seed0" / "metrics.jsonl")
-             if json.loads(x)["kind"] == "train"]
+    steps = [
+        json.loads(x)["step"]
+        for x in open(finished_run / "results" / "runs" / "grpo_clip-seed0" / "metrics.jsonl")
+        if json.loads(x)["kind"] == "train"
+    ]
     # Step 1 is not trained again. (Snakemake deletes an incomplete job's declared outputs, so the
     # rerun's metrics.jsonl starts at the resumed step; the W&B run beside it keeps the history.)
     assert steps == [2]
+
+
+_JOB = r"""
+import multiprocessing as mp, subprocess, sys, types
+from mathpt.io import MathptError
+from mathpt.pipeline import run_script
+
+
+def child():
+    print("spawned child on stdout", flush=True)
+    print("spawned child on stderr", file=sys.stderr, flush=True)
+
+
+def main(smk, cfg):
+    import logging
+    logging.getLogger("mathpt").info("job info line, slice %s", cfg)
+    print("job print", flush=True)
+    subprocess.run([sys.executable, "-c", "import sys; print('subprocess out'); print('subprocess err', file=sys.stderr)"],
+                   check=True)
+    p = mp.get_context("spawn").Process(target=child)
+    p.start(); p.join()
+    if cfg["fail"]:
+        raise MathptError("bad row 7 in x.jsonl")
+
+
+if __name__ == "__main__":
+    smk = types.SimpleNamespace(log=[sys.argv[1]], params=types.SimpleNamespace(cfg=sys.argv[2]), rule="demo",
+                                resources=types.SimpleNamespace(gpu=0))
+    run_script(smk, main)
+"""
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_job_log_holds_child_process_output(tmp_path, fail):
+    """Everything a job's processes print goes to its log file; the console gets only the error line."""
+    script = tmp_path / "job.py"
+    script.write_text(_JOB)
+    log = tmp_path / "logs" / "demo.log"
+    log.parent.mkdir()
+    log.write_text("stale text from an earlier run\n")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(log), json.dumps({"fail": fail})],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=120,
+    )
+    text = log.read_text()
+    for line in (
+        "job info line",
+        "job print",
+        "subprocess out",
+        "subprocess err",
+        "spawned child on stdout",
+        "spawned child on stderr",
+    ):
+        assert line in text, (line, text)
+    assert "stale text" not in text
+    assert "job info line" not in proc.stdout + proc.stderr and "subprocess out" not in proc.stdout
+    if fail:
+        assert proc.returncode == 1
+        assert "mathpt error in rule demo: bad row 7 in x.jsonl" in proc.stderr
+        assert proc.stderr.count("bad row 7") == 1 and "bad row 7" in text
+    else:
+        assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr
+
+
+@pytest.mark.parametrize("n, want", [(1, (1, 1)), (2, (1, 1)), (3, (2, 1)), (8, (4, 4))])
+def test_split_cores(n, want):
+    from mathpt.pipeline import split_cores
+
+    assert split_cores(n) == want
+
+
+def test_worker_takes_its_share_of_the_cores(monkeypatch):
+    import torch
+
+    from mathpt.runtime import worker
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv(worker.WORKER_THREADS_ENV, raising=False)
+    assert worker.apply_thread_share() is None
+    monkeypatch.setenv(worker.WORKER_THREADS_ENV, "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")  # recorded, so the value set below is undone
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
+    try:
+        assert worker.apply_thread_share() == 1
+        assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(max(os.sched_getaffinity(0)))
+    finally:
+        torch.set_num_threads(before)

@@ -11,20 +11,44 @@ import pytest
 from mathpt import ci_table, plots
 from mathpt.io import MathptError
 
-META = {"benchmark": "gsm8k", "split": "test", "scorer": "math-verify", "k_shot": 4, "decoding": "greedy",
-        "code_version": "abc"}
+META = {
+    "benchmark": "gsm8k",
+    "split": "test",
+    "scorer": "math-verify",
+    "k_shot": 4,
+    "decoding": "greedy",
+    "code_version": "abc",
+}
 
 
 @pytest.fixture
 def evals(tmp_path):
     rng = np.random.default_rng(0)
     out = {}
-    for model, acc in {"base": 0.2, "sft": 0.4, "no_baseline": 0.3, "reinforce_with_baseline": 0.5,
-                       "grpo_clip": 0.6}.items():
+    for model, acc in {
+        "base": 0.2,
+        "sft": 0.4,
+        "no_baseline": 0.3,
+        "reinforce_with_baseline": 0.5,
+        "grpo_clip": 0.6,
+    }.items():
         for seed in [None] if model == "base" else [0, 1]:
             p = tmp_path / f"{ci_table.model_name(model, seed)}.jsonl"
-            p.write_text("".join(json.dumps({"index": i, "gold": "1", "correct": bool(rng.random() < acc)}) + "\n"
-                                 for i in range(50)))
+            rows = []
+            for i in range(50):
+                right, formatted = bool(rng.random() < acc), bool(rng.random() < 0.8)
+                rows.append(
+                    {
+                        "index": i,
+                        "gold": "1",
+                        "correct": right and formatted,
+                        "formatted": formatted,
+                        "correct_any_format": right,
+                        "truncated": bool(rng.random() < 0.1),
+                        "generated_tokens": 5,
+                    }
+                )
+            p.write_text("".join(json.dumps(r) + "\n" for r in rows))
             out.setdefault(model, {})[seed] = str(p)
     return out
 

@@ -36,7 +36,9 @@ def test_r1_zero_prompt_is_cs336_text():
 
 def test_qwen_boxed_prompt_layout():
     p = format_prompt("What is 1+1?", "qwen_boxed")
-    assert p.startswith("<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}.")
+    assert p.startswith(
+        "<|im_start|>system\nPlease reason step by step, and put your final answer within \\boxed{}."
+    )
     assert "<|im_start|>user\nWhat is 1+1?<|im_end|>\n" in p
     assert p.endswith("<|im_start|>assistant\n")
     assert p.count("<|im_start|>") == 3 and p.count("<|im_end|>") == 2
@@ -65,7 +67,9 @@ def test_fewshot_r1_zero_blocks():
     blocks = p.split("\n\n")
     assert len(blocks) == len(EXAMPLES) + 1
     for block, ex in zip(blocks, EXAMPLES, strict=False):
-        assert block == format_prompt(ex["question"], "r1_zero") + format_response(ex["solution"], ex["answer"], "r1_zero")
+        assert block == format_prompt(ex["question"], "r1_zero") + format_response(
+            ex["solution"], ex["answer"], "r1_zero"
+        )
     assert blocks[-1] == format_prompt("Final question?", "r1_zero")
     assert p.endswith("Assistant: <think>")
 
@@ -79,7 +83,11 @@ def test_fewshot_qwen_boxed_turns():
     pos = [p.index(f"<|im_start|>user\n{ex['question']}<|im_end|>") for ex in EXAMPLES]
     assert pos == sorted(pos)
     for ex in EXAMPLES:
-        turn = "<|im_start|>assistant\n" + format_response(ex["solution"], ex["answer"], "qwen_boxed") + "<|im_end|>\n"
+        turn = (
+            "<|im_start|>assistant\n"
+            + format_response(ex["solution"], ex["answer"], "qwen_boxed")
+            + "<|im_end|>\n"
+        )
         assert turn in p
     assert p.endswith("<|im_start|>user\nFinal question?<|im_end|>\n<|im_start|>assistant\n")
 
@@ -100,7 +108,9 @@ def test_unknown_style_names_valid_styles(call):
 
 def test_bad_examples_and_answers_raise():
     with pytest.raises(MathptError, match=r"example 1 \(id=train-9\).*'answer'"):
-        format_fewshot_prompt("q", [EXAMPLES[0], {"id": "train-9", "question": "q", "solution": "s"}], "r1_zero")
+        format_fewshot_prompt(
+            "q", [EXAMPLES[0], {"id": "train-9", "question": "q", "solution": "s"}], "r1_zero"
+        )
     with pytest.raises(MathptError, match="example 0"):
         format_fewshot_prompt("q", ["not a dict"], "qwen_boxed")
     with pytest.raises(MathptError, match="unbalanced"):

@@ -279,7 +279,11 @@ def test_non_string_inputs():
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.text(alphabet=st.sampled_from(list("0123456789.,/-+$%{}\\ boxedfrac<>answer:thinkis#=\n")), max_size=300))
+@given(
+    st.text(
+        alphabet=st.sampled_from(list("0123456789.,/-+$%{}\\ boxedfrac<>answer:thinkis#=\n")), max_size=300
+    )
+)
 def test_fuzz_never_raises(s):
     for fn in (r1_zero_reward_fn, qwen_boxed_reward_fn):
         out = fn(s, "18")
@@ -396,3 +400,74 @@ def test_rewards_pickle_and_run_in_a_process():
     with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         out = list(pool.map(r1_zero_reward_fn, responses, golds))
     assert out == [r1_zero_reward_fn(r, g) for r, g in zip(responses, golds, strict=True)]
+
+
+# ---------------------------------------------------------------- brace variants (issue 14 item 9)
+
+
+@pytest.mark.parametrize(
+    "response, extracted",
+    [
+        ("The final answer is \\boxed{{18}}.", "18"),  # doubled braces (a Python format string leaked)
+        ("\\boxed{{{18}}}", "18"),
+        ("\\boxed{ {18} }", "18"),
+        ("\\boxed{{ 18 }}", "18"),
+        ("\\boxed{{\\frac{3}{4}}}", "\\frac{3}{4}"),
+        ("\\boxed{{1}{2}}", "{1}{2}"),  # two groups side by side: not one wrapping pair
+        ("\\boxed{{}}", None),  # empty once the wrapping pair is gone
+    ],
+)
+def test_last_boxed_strips_wrapping_braces(response, extracted):
+    assert last_boxed(response) == extracted
+
+
+@pytest.mark.parametrize(
+    "answer, gold, same",
+    [
+        ("{18}", "18", True),
+        ("{{18}}", "18", True),
+        ("{\\$18.00}", "18", True),
+        ("{{1,000}}", "1000", True),
+        ("{\\frac{3}{4}}", "0.75", True),
+        ("{1}{8}", "18", False),  # juxtaposed groups are not the number 18
+        ("{17}", "18", False),
+    ],
+)
+def test_equivalent_with_wrapping_braces(answer, gold, same):
+    assert is_equivalent(answer, gold) is same
+
+
+@pytest.mark.parametrize(
+    "style, response",
+    [
+        ("qwen_boxed", "2 + 16 = 18.\nThe final answer is \\boxed{{18}}."),
+        ("qwen_boxed", "The final answer is $\\boxed{{{18}}}$."),
+        ("r1_zero", "16 + 2 = 18 </think> <answer>\\boxed{{18}}</answer>"),
+        ("r1_zero", "16 + 2 = 18 </think> <answer>{18}</answer>"),
+        ("r1_zero", "16 + 2 = 18 </think> <answer> {{18}} </answer>"),
+    ],
+)
+def test_doubled_braces_graded_right(style, response):
+    assert get_reward_fn(style)(response, "18") == _r(1.0, 1.0)
+    assert get_reward_fn(style)(response, "17") == _r(1.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "response, gold, right",
+    [
+        ("16 + 2 = 18. The final answer is 18.", "18", True),  # no box: the reward says 0, this says 1
+        ("16 + 2 = 18", "18", True),  # last number
+        ("The final answer is \\boxed{18}.", "18", True),
+        ("... </think> <answer>18</answer>", "18", True),
+        ("The final answer is 17.", "18", False),
+        ("", "18", False),
+    ],
+)
+def test_answer_correct_any_format(response, gold, right):
+    from mathpt.rewards import answer_correct_any_format
+
+    assert answer_correct_any_format(response, gold) is right
+    if right:  # never stricter than the reward
+        assert (
+            answer_correct_any_format(response, gold) >= get_reward_fn("qwen_boxed")(response, gold)["reward"]
+        )

@@ -32,11 +32,16 @@ PROMPTS = ["Natalia sold clips to 48 of her friends", "How many apples", "The an
 
 def test_layout_pack_roundtrip_and_cast():
     g = torch.Generator().manual_seed(0)
-    named = [("a.weight", torch.randn(3, 4, generator=g)), ("b", torch.randn(5, generator=g)),
-             ("c.bias", torch.randn(2, 1, 2, generator=g))]
+    named = [
+        ("a.weight", torch.randn(3, 4, generator=g)),
+        ("b", torch.randn(5, generator=g)),
+        ("c.bias", torch.randn(2, 1, 2, generator=g)),
+    ]
     for dtype in (torch.float32, torch.bfloat16):
         lay = Layout.of(named, dtype)
-        assert lay.numel == 12 + 5 + 4 and lay.nbytes == lay.numel * torch.empty((), dtype=dtype).element_size()
+        assert (
+            lay.numel == 12 + 5 + 4 and lay.nbytes == lay.numel * torch.empty((), dtype=dtype).element_size()
+        )
         flat = torch.full((lay.numel,), float("nan"), dtype=dtype)
         lay.pack(named, flat)
         assert not torch.isnan(flat).any()  # every slot written
@@ -51,8 +56,17 @@ def test_layout_pack_roundtrip_and_cast():
 def test_named_weights_strips_wrappers_and_dedups_tied():
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    m = Qwen2ForCausalLM(Qwen2Config(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True))
+    m = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=8,
+            intermediate_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            tie_word_embeddings=True,
+        )
+    )
     names = [n for n, _ in named_weights(m)]
     assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
     assert names == [n for n, _ in named_weights({f"_orig_mod.{n}": t for n, t in m.named_parameters()})]
@@ -136,8 +150,17 @@ def test_job_result_summary_and_errors():
 
     gens = [Generation(0, s, "t", list(range(n)), None, "length", 4) for s, n in enumerate([3, 5])]
     ok = JobResult(1, "eval", 7, 4, gens, elapsed_s=0.5, tag={"split": "val"})
-    assert ok.summary() == {"job_id": 1, "kind": "eval", "step": 7, "weight_version": 4, "generations": 2,
-                            "tokens": 8, "elapsed_s": 0.5, "error": None, "tag": {"split": "val"}}
+    assert ok.summary() == {
+        "job_id": 1,
+        "kind": "eval",
+        "step": 7,
+        "weight_version": 4,
+        "generations": 2,
+        "tokens": 8,
+        "elapsed_s": 0.5,
+        "error": None,
+        "tag": {"split": "val"},
+    }
     assert ok.raise_for_error() is ok
     bad = JobResult(2, "eval", 8, 4, error="Traceback ...\nValueError: token id 9 out of range\n")
     assert bad.summary()["error"] == "ValueError: token id 9 out of range" and not bad.ok
@@ -273,7 +296,9 @@ def test_vllm_killing_the_worker_fails_fast(vllm_client):
     pid = c.pid
     os.kill(pid, signal.SIGKILL)
     t0 = time.perf_counter()
-    with pytest.raises(WorkerError, match=rf"pid {pid}\) was killed by SIGKILL.*unfinished jobs: \[(\d+, )*{job}\]"):
+    with pytest.raises(
+        WorkerError, match=rf"pid {pid}\) was killed by SIGKILL.*unfinished jobs: \[(\d+, )*{job}\]"
+    ):
         c.wait(job)
     assert time.perf_counter() - t0 < 5
     with pytest.raises(WorkerError):  # the client stays failed
@@ -294,7 +319,9 @@ def test_handoff_modes_apply_new_weights(tiny_model_dir, mode):
             c.push_weights(model, version)
             res = c.wait(c.submit("eval", PROMPTS, GREEDY, step=version), timeout=60)
             assert res.weight_version == version and c.handoff_mode == mode
-            assert [g.token_ids for g in res.generations] == [g.token_ids for g in _hf_greedy(model, tiny_model_dir)]
+            assert [g.token_ids for g in res.generations] == [
+                g.token_ids for g in _hf_greedy(model, tiny_model_dir)
+            ]
 
 
 @pytest.mark.slow
@@ -309,7 +336,9 @@ def test_newest_pushed_version_wins_and_is_never_mixed(tiny_model_dir):
         after = c.wait(c.submit("eval", PROMPTS, GREEDY, step=3), timeout=60)
         assert first.weight_version in (0, 1, 2, 3)
         assert after.weight_version == 3 and c.weight_version == 3
-        assert [g.token_ids for g in after.generations] == [g.token_ids for g in _hf_greedy(models[3], tiny_model_dir)]
+        assert [g.token_ids for g in after.generations] == [
+            g.token_ids for g in _hf_greedy(models[3], tiny_model_dir)
+        ]
 
 
 @pytest.mark.slow
@@ -358,7 +387,9 @@ def test_no_orphan_worker_after_trainer_dies(tiny_model_dir, tmp_path, sig):
     script = tmp_path / "trainer.py"
     script.write_text(_TRAINER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path.parent), *sys.path])}
-    p = subprocess.Popen([sys.executable, str(script), str(tiny_model_dir)], stdout=subprocess.PIPE, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, str(script), str(tiny_model_dir)], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         worker = int(p.stdout.readline())
         assert _alive(worker)

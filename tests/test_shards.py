@@ -18,11 +18,13 @@ MB = 4
 
 
 @pytest.fixture(scope="module")
-def data_rows(gsm8k_train_rows):
+def data_rows(word_problems):
     rows = []
-    for i, raw in enumerate(gsm8k_train_rows[:30]):
+    for i, raw in enumerate(word_problems[:30]):
         solution, gold = parse_gsm8k_answer(raw["answer"])
-        rows.append({"id": f"train-{i:05d}", "question": raw["question"], "solution": solution, "answer": gold})
+        rows.append(
+            {"id": f"train-{i:05d}", "question": raw["question"], "solution": solution, "answer": gold}
+        )
     return rows
 
 
@@ -46,7 +48,10 @@ def _rows(out_dir, **kw):
     out = []
     for mb in iter_sft_shards(out_dir, **kw):
         assert set(mb) == {"input_ids", "labels", "response_mask"}
-        assert mb["input_ids"].dtype == mb["labels"].dtype == torch.int64 and mb["response_mask"].dtype == torch.bool
+        assert (
+            mb["input_ids"].dtype == mb["labels"].dtype == torch.int64
+            and mb["response_mask"].dtype == torch.bool
+        )
         assert mb["response_mask"][:, -1].any()  # trimmed to the longest row
         for ids, labels, mask in zip(mb["input_ids"], mb["labels"], mb["response_mask"], strict=True):
             n = int(mask.nonzero().max()) + 1
@@ -56,14 +61,25 @@ def _rows(out_dir, **kw):
 
 def test_round_trip(traces_path, tiny_model_dir, tokenizer, tmp_path):
     traces = {t["id"]: t for t in read_jsonl(traces_path)}
-    index = write_sft_shards(traces_path, tiny_model_dir, tmp_path, max_seq_len=4096, microbatch_size=MB,
-                             rows_per_shard=10, seed=1)
-    assert [f["name"] for f in index["files"]] == ["shard-00000.safetensors", "shard-00001.safetensors",
-                                                    "shard-00002.safetensors", "shard-00003.safetensors"]
+    index = write_sft_shards(
+        traces_path, tiny_model_dir, tmp_path, max_seq_len=4096, microbatch_size=MB, rows_per_shard=10, seed=1
+    )
+    assert [f["name"] for f in index["files"]] == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+        "shard-00002.safetensors",
+        "shard-00003.safetensors",
+    ]
     assert [f["rows"] for f in index["files"]] == [8, 8, 8, 6]  # 10 rounded down to a multiple of MB
     assert index["counts"] | {"tokens": 0, "response_tokens": 0} == {
-        "traces": 30, "filtered_incorrect": 0, "dropped_too_long": 0, "examples": 30, "microbatches": 8,
-        "tokens": 0, "response_tokens": 0}
+        "traces": 30,
+        "filtered_incorrect": 0,
+        "dropped_too_long": 0,
+        "examples": 30,
+        "microbatches": 8,
+        "tokens": 0,
+        "response_tokens": 0,
+    }
     assert index["tokenizer"]["sha256"] == tokenizer_sha256(tokenizer)
     assert index["traces"]["sha256"] == sha256_file(traces_path)
     for f in index["files"]:
@@ -79,11 +95,13 @@ def test_round_trip(traces_path, tiny_model_dir, tokenizer, tmp_path):
         full = torch.cat([ids[:n], labels[n - 1 : n]]).tolist()
         text = tokenizer.decode(full, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         assert text == t["prompt"] + t["response"] + tokenizer.eos_token
-        assert labels[:n - 1].tolist() == ids[1:n].tolist()  # labels are inputs shifted by one
+        assert labels[: n - 1].tolist() == ids[1:n].tolist()  # labels are inputs shifted by one
         n_prompt = n + 1 - int(mask.sum())
         assert not mask[: n_prompt - 1].any() and mask[n_prompt - 1 : n].all()  # exactly the response
         assert tokenizer.decode(full[:n_prompt], clean_up_tokenization_spaces=False) == t["prompt"]
-        resp = tokenizer.decode(labels[mask].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        resp = tokenizer.decode(
+            labels[mask].tolist(), skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         assert resp == t["response"] + tokenizer.eos_token and labels[n - 1] == eos
         assert (ids[n:] == pad).all() and (labels[n:] == pad).all() and not mask[n:].any()
         n_tokens += n + 1
@@ -113,8 +131,11 @@ def test_deterministic_and_reshuffle(traces_path, tiny_model_dir, tmp_path):
 
 def test_overlong_dropped_and_counted(traces_path, tiny_model_dir, tokenizer, tmp_path):
     traces = read_jsonl(traces_path)
-    lengths = {t["id"]: len(tokenizer.encode(t["prompt"], add_special_tokens=False))
-               + len(tokenizer.encode(t["response"] + tokenizer.eos_token, add_special_tokens=False)) for t in traces}
+    lengths = {
+        t["id"]: len(tokenizer.encode(t["prompt"], add_special_tokens=False))
+        + len(tokenizer.encode(t["response"] + tokenizer.eos_token, add_special_tokens=False))
+        for t in traces
+    }
     limit = sorted(lengths.values())[len(lengths) // 2]
     index = write_sft_shards(traces_path, tiny_model_dir, tmp_path, max_seq_len=limit, microbatch_size=MB)
     too_long = {i for i, n in lengths.items() if n > limit}
@@ -131,17 +152,22 @@ def test_overlong_dropped_and_counted(traces_path, tiny_model_dir, tokenizer, tm
 
 def test_keep_correct(traces_path, tiny_model_dir, tmp_path):
     traces = read_jsonl(traces_path)
-    index = write_sft_shards(traces_path, tiny_model_dir, tmp_path, max_seq_len=4096, microbatch_size=MB,
-                             keep="correct")
+    index = write_sft_shards(
+        traces_path, tiny_model_dir, tmp_path, max_seq_len=4096, microbatch_size=MB, keep="correct"
+    )
     correct = {t["id"] for t in traces if t["correct"]}
     assert {i for i, _ in index["rows"]} == correct
     assert index["counts"]["filtered_incorrect"] == 30 - len(correct)
     with pytest.raises(MathptError, match="keep"):
-        write_sft_shards(traces_path, tiny_model_dir, tmp_path / "x", max_seq_len=64, microbatch_size=MB, keep="good")
+        write_sft_shards(
+            traces_path, tiny_model_dir, tmp_path / "x", max_seq_len=64, microbatch_size=MB, keep="good"
+        )
 
 
 def test_index_verification(traces_path, tiny_model_dir, tmp_path):
-    write_sft_shards(traces_path, tiny_model_dir, tmp_path, max_seq_len=4096, microbatch_size=MB, rows_per_shard=16)
+    write_sft_shards(
+        traces_path, tiny_model_dir, tmp_path, max_seq_len=4096, microbatch_size=MB, rows_per_shard=16
+    )
     assert read_index(tmp_path)["counts"]["examples"] == 30
     shard = tmp_path / "shard-00001.safetensors"
     data = bytearray(shard.read_bytes())
@@ -158,7 +184,9 @@ def test_index_verification(traces_path, tiny_model_dir, tmp_path):
 
 def test_malformed_traces(tmp_path, tiny_model_dir):
     path = tmp_path / "t.jsonl"
-    write_jsonl(path, [{"id": "a", "prompt": "p", "response": "r", "correct": True}, {"id": "b", "prompt": "p"}])
+    write_jsonl(
+        path, [{"id": "a", "prompt": "p", "response": "r", "correct": True}, {"id": "b", "prompt": "p"}]
+    )
     with pytest.raises(DataError, match=r"t.jsonl:2: missing key"):
         write_sft_shards(path, tiny_model_dir, tmp_path / "o", max_seq_len=64, microbatch_size=2)
     write_jsonl(path, [{"id": "a", "prompt": "p", "response": "r", "correct": "yes"}])
@@ -175,3 +203,21 @@ def test_write_prompt_set(data_rows, tmp_path, style):
         assert o == {"id": r["id"], "prompt": format_prompt(r["question"], style), "answer": r["answer"]}
     with pytest.raises(DataError, match="id=x"):
         write_prompt_set([{"id": "x", "question": "q"}], style, tmp_path / "bad.jsonl")
+
+
+def test_load_sft_examples_holds_every_row_in_storage_order(traces_path, tiny_model_dir, tmp_path):
+    from mathpt.shards import load_sft_examples
+
+    write_sft_shards(
+        traces_path, tiny_model_dir, tmp_path, max_seq_len=4096, microbatch_size=MB, rows_per_shard=8
+    )
+    ex = load_sft_examples(tmp_path)
+    assert set(ex) == {"input_ids", "labels", "response_mask"} and ex["input_ids"].shape[0] == 30
+    assert ex["response_mask"].dtype == torch.bool and ex["input_ids"].dtype == torch.int64
+    stored = [
+        (ids[:n].tolist(), labels[:n].tolist(), mask[:n].tolist()) for ids, labels, mask, n in _rows(tmp_path)
+    ]
+    for i, (ids, labels, mask) in enumerate(stored):
+        n = len(ids)
+        assert ex["input_ids"][i, :n].tolist() == ids and ex["labels"][i, :n].tolist() == labels
+        assert ex["response_mask"][i, :n].tolist() == mask and not ex["response_mask"][i, n:].any()

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from scipy import stats as scipy_stats
 
 from mathpt import stats
 from mathpt.io import DataError, MathptError
@@ -54,26 +55,6 @@ def test_bootstrap_shares_indices_across_models():
     boot = stats.bootstrap_means(np.stack([a, b]), 400, seed=1)
     d = stats.bootstrap_means(a - b, 400, seed=1)[0]
     np.testing.assert_allclose(boot[0] - boot[1], d, atol=1e-12)
-
-
-def test_seed_resample_weights():
-    w = stats.seed_resample_weights(3, 2000, seed=2)
-    assert w.shape == (2000, 3)
-    np.testing.assert_allclose(w.sum(1), 1.0)
-    np.testing.assert_allclose(w * 3, np.round(w * 3))
-    np.testing.assert_array_equal(w, stats.seed_resample_weights(3, 2000, seed=2))
-    np.testing.assert_allclose(w.mean(0), 1 / 3, atol=0.02)
-
-
-def test_hierarchical_boot_matches_loop():
-    rng = np.random.default_rng(4)
-    S, R = 3, 50
-    ba, bb = rng.random((S, R)), rng.random((S, R))
-    w = stats.seed_resample_weights(S, R, seed=0)
-    got = stats.hierarchical_boot(ba, bb, w)
-    for r in range(R):
-        ref = sum(float(w[r, s]) * (float(ba[s, r]) - float(bb[s, r])) for s in range(S))
-        assert got[r] == pytest.approx(ref, abs=1e-14)
 
 
 def test_bootstrap_p_reference():
@@ -126,8 +107,8 @@ def test_identical_models_degenerate_interval():
     assert math.isnan(r["corr"])
     # Pooled seeds of identical models: also exactly zero.
     A = (rng.random((3, 40)) < 0.5).astype(float)
-    r = stats.pooled_bootstrap(A, A.copy(), n_resamples=500, seed=0)
-    assert (r["diff"], r["ci_low"], r["ci_high"], r["se_boot"], r["boot_p"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
+    r = stats.compare_seeds(A, A.copy())
+    assert (r["diff"], r["ci_low"], r["ci_high"], r["se_seeds"], r["t_p"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def test_paired_se_and_corr_vs_direct_formula():
@@ -151,7 +132,9 @@ def test_agreement_counts_vs_loop():
     b = (rng.random(200) < 0.4).astype(float)
     ref = {"both_right": 0, "only_a": 0, "only_b": 0, "both_wrong": 0}
     for x, y in zip(a, b, strict=True):
-        key = {(1, 1): "both_right", (1, 0): "only_a", (0, 1): "only_b", (0, 0): "both_wrong"}[(int(x), int(y))]
+        key = {(1, 1): "both_right", (1, 0): "only_a", (0, 1): "only_b", (0, 0): "both_wrong"}[
+            (int(x), int(y))
+        ]
         ref[key] += 1
     assert stats.agreement_counts(a, b) == ref
 
@@ -161,7 +144,9 @@ def test_mcnemar_matches_exact_binomial():
     from statsmodels.stats.contingency_tables import mcnemar
 
     rng = np.random.default_rng(9)
-    for b, c in [(0, 0), (0, 1), (5, 5), (1, 9), (30, 12)] + [tuple(rng.integers(0, 60, 2)) for _ in range(20)]:
+    for b, c in [(0, 0), (0, 1), (5, 5), (1, 9), (30, 12)] + [
+        tuple(rng.integers(0, 60, 2)) for _ in range(20)
+    ]:
         got = stats.mcnemar_exact_p(b, c)
         n = int(b) + int(c)
         if n == 0:
@@ -205,24 +190,99 @@ def test_wilson_vs_formula():
         assert hi == pytest.approx(min(1.0, centre + half), abs=1e-9)
 
 
-def test_pooled_bootstrap_widens_with_seed_variance():
+def test_seed_t_interval_vs_scipy_ttest():
     rng = np.random.default_rng(8)
-    n, S = 300, 4
-    q = rng.random(n)  # per-problem difficulty
-    u = rng.random(n)  # shared noise: runs differ only by their seed shift
-    b = (u < q).astype(float)[None].repeat(S, 0)
-    same = (u < q + 0.05).astype(float)[None].repeat(S, 0)
-    shifts = np.array([-0.15, -0.05, 0.15, 0.25])
-    varied = (u[None] < q[None] + shifts[:, None]).astype(float)
-    r_same = stats.pooled_bootstrap(same, b, n_resamples=2000, seed=0)
-    r_var = stats.pooled_bootstrap(varied, b, n_resamples=2000, seed=0)
-    w_same = r_same["ci_high"] - r_same["ci_low"]
-    w_var = r_var["ci_high"] - r_var["ci_low"]
-    assert w_var > 2 * w_same
-    assert r_var["se_boot"] > 1.5 * r_var["se_paired"]  # training noise on top of test-set noise
-    assert r_same["se_boot"] == pytest.approx(r_same["se_paired"], rel=0.15)
-    assert r_var["diff"] == pytest.approx(np.mean([varied[s].mean() - b[s].mean() for s in range(S)]))
-    assert r_var["mcnemar_p"] != r_var["mcnemar_p"]  # NaN: McNemar does not apply to pooled seeds
+    for s in (2, 3, 5, 10):
+        for _ in range(5):
+            x = rng.normal(rng.normal(0, 0.05), rng.uniform(0.001, 0.1), s)
+            ref = scipy_stats.ttest_1samp(x, 0.0)
+            lo, hi = ref.confidence_interval(0.95)
+            got = stats.seed_t_interval(x)
+            assert got["df"] == s - 1
+            assert got["mean"] == pytest.approx(float(np.mean(x)), abs=1e-15)
+            assert got["se"] == pytest.approx(
+                math.sqrt(sum((v - x.mean()) ** 2 for v in x) / (s - 1) / s), rel=1e-12
+            )
+            assert (got["ci_low"], got["ci_high"]) == pytest.approx((lo, hi), rel=1e-10)
+            assert got["p"] == pytest.approx(ref.pvalue, rel=1e-10)
+            arr = stats.seed_t_arrays(np.stack([x, x[::-1]]))  # the vectorized form agrees
+            np.testing.assert_allclose(arr["ci_low"], [lo, lo], rtol=1e-10)
+    with pytest.raises(MathptError, match="at least 2 seeds"):
+        stats.seed_t_interval([0.3])
+    same = stats.seed_t_interval([0.25, 0.25, 0.25])  # spread unobserved: undefined, not certain
+    assert same["mean"] == 0.25 and all(math.isnan(same[k]) for k in ("ci_low", "ci_high", "p"))
+    zero = stats.seed_t_interval([0.0, 0.0])
+    assert (zero["ci_low"], zero["ci_high"], zero["p"]) == (0.0, 0.0, 1.0)
+
+
+def test_compare_seeds_vs_direct_computation():
+    rng = np.random.default_rng(9)
+    S, n = 4, 150
+    q = rng.random(n)
+    a = (rng.random((S, n)) < q + rng.normal(0.05, 0.05, (S, 1))).astype(float)
+    b = (rng.random((S, n)) < q).astype(float)
+    r = stats.compare_seeds(a, b)
+    d = [float(a[s].mean() - b[s].mean()) for s in range(S)]
+    ref = scipy_stats.ttest_1samp(d, 0.0)
+    assert r["diff"] == pytest.approx(np.mean(d)) and r["ci_df"] == S - 1
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(ref.confidence_interval(0.95)), rel=1e-10)
+    assert r["t_p"] == pytest.approx(ref.pvalue, rel=1e-10)
+    assert r["only_a"] == sum(int(np.sum((a[s] == 1) & (b[s] == 0))) for s in range(S))
+    assert r["se_paired"] == pytest.approx(stats.paired_se(a.mean(0), b.mean(0)))
+    assert math.isnan(r["mcnemar_p"]) and math.isnan(r["boot_p"])  # no per-problem test for pooled seeds
+    with pytest.raises(MathptError, match="shape"):
+        stats.compare_seeds(a, b[:3])
+
+
+def _simulate_seed_accuracies(
+    n_seeds: int, spread_pts: float, effect_pts: float, sims: int, seed: int, n: int = 1319
+) -> np.ndarray:
+    """(sims, 2, S) accuracies of models A and B: n problems of logit difficulty z ~ N(0, 2), one
+    logit shift per (model, seed) whose accuracy SD is ``spread_pts``, A better by ``effect_pts``."""
+    from scipy.special import expit
+
+    rng = np.random.default_rng([seed, n_seeds, int(spread_pts * 10), int(effect_pts * 10)])
+    z = rng.normal(0.0, 2.0, n)
+    u_sd = spread_pts / 100 / float(np.mean(expit(z) * (1 - expit(z))))  # first-order: d acc / d logit
+    lo, hi = -5.0, 5.0
+    for _ in range(60):  # A's logit shift that gives effect_pts more accuracy
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if expit(z + mid).mean() - expit(z).mean() < effect_pts / 100 else (lo, mid)
+    u = rng.normal(0.0, u_sd, (sims, 2, n_seeds)) + np.array([lo, 0.0])[None, :, None]
+    acc = np.empty((sims, 2, n_seeds))
+    for c in range(0, sims, 500):  # per-problem 0/1 outcomes, in chunks to bound memory
+        p = expit(z + u[c : c + 500, ..., None])
+        acc[c : c + 500] = (rng.random(p.shape, dtype=np.float32) < p).mean(-1)
+    return acc
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_seed_interval_false_positive_rate(n_seeds):
+    """Two identical algorithms, 1,319 problems: the pooled interval excludes 0 at most 6% of the
+    time at nominal 5%, whatever the seed-to-seed spread (the old hierarchical bootstrap: ~20%)."""
+    sims = 8000  # Monte Carlo SE of a 5% rate: 0.24 points, so 6% is 4 SE away
+    for spread in (0.0, 4.0, 8.0):
+        acc = _simulate_seed_accuracies(n_seeds, spread, 0.0, sims, seed=1)
+        if spread:  # the simulation has the spread it claims
+            assert acc[:, 1].std(-1, ddof=1).mean() == pytest.approx(spread / 100, rel=0.25)
+        r = stats.seed_t_arrays(acc[:, 0] - acc[:, 1])
+        fpr = float(np.mean((r["ci_low"] > 0) | (r["ci_high"] < 0)))
+        assert fpr <= 0.06, (n_seeds, spread, fpr)
+        assert fpr >= 0.03, (n_seeds, spread, fpr)  # not trivially conservative either
+        np.testing.assert_allclose(r["p"] < 0.05, (r["ci_low"] > 0) | (r["ci_high"] < 0))
+
+
+@pytest.mark.parametrize("n_seeds, min_power", [(3, 0.95), (5, 0.99)])
+def test_seed_interval_detects_a_real_effect(n_seeds, min_power):
+    """A 10-point effect with small seed noise (1 point) is detected, and covered ~95% of the time."""
+    acc = _simulate_seed_accuracies(n_seeds, 1.0, 10.0, 1000, seed=2)
+    d = acc[:, 0] - acc[:, 1]
+    r = stats.seed_t_arrays(d)
+    assert np.mean(r["ci_low"] > 0) >= min_power
+    truth = float(d.mean())  # the effect the simulation realised (10 points up to clipping)
+    assert truth == pytest.approx(0.10, abs=0.005)
+    assert 0.93 <= np.mean((r["ci_low"] <= truth) & (truth <= r["ci_high"])) <= 0.97
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -234,12 +294,25 @@ def _write(path, lines):
 
 
 def _eval_row(i, correct, gold="1"):
-    return json.dumps({"index": i, "id": f"test-{i:05d}", "prompt_hash": "h", "response": "r", "extracted": gold,
-                       "gold": gold, "correct": correct, "generated_tokens": 3, "truncated": False})
+    return json.dumps(
+        {
+            "index": i,
+            "id": f"test-{i:05d}",
+            "prompt_hash": "h",
+            "response": "r",
+            "extracted": gold,
+            "gold": gold,
+            "correct": correct,
+            "generated_tokens": 3,
+            "truncated": False,
+        }
+    )
 
 
 def test_read_eval_scores_sorts_by_index(tmp_path):
-    p = _write(tmp_path / "e.jsonl", [_eval_row(2, True, "7"), "", _eval_row(0, False, "5"), _eval_row(1, True)])
+    p = _write(
+        tmp_path / "e.jsonl", [_eval_row(2, True, "7"), "", _eval_row(0, False, "5"), _eval_row(1, True)]
+    )
     r = stats.read_eval_scores(p)
     assert r.index.tolist() == [0, 1, 2]
     assert r.score.tolist() == [0.0, 1.0, 1.0]
@@ -250,7 +323,7 @@ def test_read_eval_scores_sorts_by_index(tmp_path):
     "bad, msg",
     [
         ("{not json", "invalid JSON"),
-        ('[1, 2]', "expected a JSON object"),
+        ("[1, 2]", "expected a JSON object"),
         ('{"index": 1, "gold": "1"}', "missing key"),
         ('{"index": "1", "gold": "1", "correct": true}', "must be an integer"),
         ('{"index": 1, "gold": "1", "correct": "yes"}', "'correct' must be true or false"),
@@ -272,12 +345,16 @@ def test_empty_or_missing_eval_file(tmp_path):
 
 
 def test_per_doc_rejects_non_finite_and_mixed_metrics(tmp_path):
-    p = _write(tmp_path / "d.jsonl", ['{"doc_id": 0, "score": 1.5, "metric": "ppl"}',
-                                      '{"doc_id": 1, "score": NaN, "metric": "ppl"}'])
+    p = _write(
+        tmp_path / "d.jsonl",
+        ['{"doc_id": 0, "score": 1.5, "metric": "ppl"}', '{"doc_id": 1, "score": NaN, "metric": "ppl"}'],
+    )
     with pytest.raises(DataError, match=rf"{p}:2: 'score' must be a finite number"):
         stats.read_per_doc_scores(p)
-    p = _write(tmp_path / "m.jsonl", ['{"doc_id": 0, "score": 1.0, "metric": "acc"}',
-                                      '{"doc_id": 1, "score": 0.0, "metric": "acc_norm"}'])
+    p = _write(
+        tmp_path / "m.jsonl",
+        ['{"doc_id": 0, "score": 1.0, "metric": "acc"}', '{"doc_id": 1, "score": 0.0, "metric": "acc_norm"}'],
+    )
     with pytest.raises(DataError, match="mixed metrics"):
         stats.read_per_doc_scores(p)
 
@@ -285,8 +362,9 @@ def test_per_doc_rejects_non_finite_and_mixed_metrics(tmp_path):
 def test_align_rejects_different_problems_or_gold(tmp_path):
     a = stats.read_eval_scores(_write(tmp_path / "a.jsonl", [_eval_row(i, True) for i in range(4)]))
     b = stats.read_eval_scores(_write(tmp_path / "b.jsonl", [_eval_row(i, False) for i in range(1, 5)]))
-    c = stats.read_eval_scores(_write(tmp_path / "c.jsonl", [_eval_row(i, False, "9" if i == 2 else "1")
-                                                             for i in range(4)]))
+    c = stats.read_eval_scores(
+        _write(tmp_path / "c.jsonl", [_eval_row(i, False, "9" if i == 2 else "1") for i in range(4)])
+    )
     assert stats.align({"a": a, "a2": a}).shape == (2, 4)
     with pytest.raises(MathptError) as e:
         stats.align({"a": a, "b": b})

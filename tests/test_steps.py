@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
+from conftest import tiny_qwen as shared_tiny_qwen
 
 from mathpt.functional import aggregate_loss, compute_policy_gradient_loss, naive_response_log_probs
 from mathpt.optim import MasterWeightAdamW
@@ -14,21 +16,7 @@ from mathpt.train.steps import compute_old_log_probs, pg_update, sft_update
 V, B, T = 89, 8, 14
 
 
-def tiny_qwen(dtype=torch.float64, seed: int = 0):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=V,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-        max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(cfg).to(dtype)
+tiny_qwen = functools.partial(shared_tiny_qwen, vocab_size=V)  # the one definition: conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +37,13 @@ def rollout(seed: int = 0) -> dict[str, torch.Tensor]:
     rewards = (torch.rand(B, generator=gen) < 0.5).float()
     grp = rewards.view(-1, 4)
     adv = ((grp - grp.mean(1, keepdim=True)) / (grp.std(1, keepdim=True) + 1e-6)).reshape(-1)
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "response_mask": mask, "raw_rewards": rewards, "advantages": adv}
+    return {
+        "input_ids": ids[:, :-1],
+        "labels": ids[:, 1:],
+        "response_mask": mask,
+        "raw_rewards": rewards,
+        "advantages": adv,
+    }
 
 
 def reference_pg_grad(model, batch, loss_type, aggregation="seq_mean"):
@@ -57,7 +51,12 @@ def reference_pg_grad(model, batch, loss_type, aggregation="seq_mean"):
     m = copy.deepcopy(model)
     lp = naive_response_log_probs(m, batch["input_ids"], batch["labels"])["log_probs"]
     per_tok, _ = compute_policy_gradient_loss(
-        lp, loss_type, batch["raw_rewards"].double()[:, None], batch["advantages"].double()[:, None], lp.detach(), 0.2
+        lp,
+        loss_type,
+        batch["raw_rewards"].double()[:, None],
+        batch["advantages"].double()[:, None],
+        lp.detach(),
+        0.2,
     )
     aggregate_loss(per_tok, batch["response_mask"], aggregation).backward()
     return [p.grad.clone() for p in m.parameters()]
@@ -79,8 +78,15 @@ def test_pg_update_gradient_equals_full_batch_reference(model64, aggregation):
         got, metrics = sgd_delta(
             model64,
             lambda m, o, lt=loss_type: pg_update(
-                m, o, batch, lt, microbatch_size=2, max_grad_norm=None, loss_aggregation=aggregation,
-                autocast_dtype=None, chunk_size=5,
+                m,
+                o,
+                batch,
+                lt,
+                microbatch_size=2,
+                max_grad_norm=None,
+                loss_aggregation=aggregation,
+                autocast_dtype=None,
+                chunk_size=5,
             ),
         )
         for g, r in zip(got, ref, strict=True):
@@ -105,8 +111,16 @@ def test_grpo_clip_is_off_policy_after_the_first_step(model64):
     m = copy.deepcopy(model64)
     opt = torch.optim.AdamW(m.parameters(), lr=3e-2)
     metrics = pg_update(
-        m, opt, batch, "grpo_clip", cliprange=0.05, epochs=2, minibatch_size=4, microbatch_size=2,
-        autocast_dtype=None, seed=0,
+        m,
+        opt,
+        batch,
+        "grpo_clip",
+        cliprange=0.05,
+        epochs=2,
+        minibatch_size=4,
+        microbatch_size=2,
+        autocast_dtype=None,
+        seed=0,
     )
     steps = metrics["per_step"]
     assert len(steps) == 4 and metrics["optimizer_steps"] == 4
@@ -134,13 +148,14 @@ def test_sft_update_equals_full_batch_gradient(model64):
     batch = rollout(5)
     full = copy.deepcopy(model64)
     lp = naive_response_log_probs(full, batch["input_ids"], batch["labels"])["log_probs"]
-    loss = -(torch.where(batch["response_mask"], lp, 0.0).sum(-1) / 7.0).mean()
+    loss = (
+        -torch.where(batch["response_mask"], lp, 0.0).sum() / batch["response_mask"].sum()
+    )  # per response token
     loss.backward()
     ref = [p.grad for p in full.parameters()]
     micro = [{k: batch[k][s : s + 4] for k in ("input_ids", "labels", "response_mask")} for s in (0, 4)]
     got, metrics = sgd_delta(
-        model64,
-        lambda m, o: sft_update(m, o, micro, max_grad_norm=None, normalize_constant=7.0, autocast_dtype=None),
+        model64, lambda m, o: sft_update(m, o, micro, max_grad_norm=None, autocast_dtype=None)
     )
     for g, r in zip(got, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10)
@@ -178,7 +193,13 @@ def test_token_budget_pg_and_uneven_sft_microbatches_keep_the_exact_gradient(mod
     got, _ = sgd_delta(
         model64,
         lambda m, o: pg_update(
-            m, o, batch, "reinforce_with_baseline", microbatch_tokens=20, max_grad_norm=None, autocast_dtype=None
+            m,
+            o,
+            batch,
+            "reinforce_with_baseline",
+            microbatch_tokens=20,
+            max_grad_norm=None,
+            autocast_dtype=None,
         ),
     )
     for g, r in zip(got, ref, strict=True):
@@ -186,9 +207,99 @@ def test_token_budget_pg_and_uneven_sft_microbatches_keep_the_exact_gradient(mod
 
     full = copy.deepcopy(model64)
     lp = naive_response_log_probs(full, batch["input_ids"], batch["labels"])["log_probs"]
-    (-(torch.where(batch["response_mask"], lp, 0.0).sum(-1)).mean()).backward()
+    (-torch.where(batch["response_mask"], lp, 0.0).sum() / batch["response_mask"].sum()).backward()
     keys = ("input_ids", "labels", "response_mask")
     micro = [{k: batch[k][rows] for k in keys} for rows in (slice(0, 1), slice(1, 6), slice(6, 8))]
     got, _ = sgd_delta(model64, lambda m, o: sft_update(m, o, micro, max_grad_norm=None, autocast_dtype=None))
     for g, p in zip(got, full.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-10)
+
+
+def _pg_cfg(aggregation: str, microbatch: int) -> dict:
+    """A train.pg block as train_pg reads it (one minibatch of the whole batch)."""
+    return {
+        "loss_type": "reinforce_with_baseline",
+        "epochs_per_batch": 1,
+        "minibatch_size": B,
+        "microbatch_size": microbatch,
+        "max_grad_norm": None,
+        "loss_aggregation": aggregation,
+        "max_new_tokens": 11,
+        "off_policy_correction": "none",
+        "tis_cap": 2.0,
+    }
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean", "sum_norm"])
+def test_train_pg_update_gradient_does_not_depend_on_microbatching(model64, aggregation):
+    """Issue 14 item 2: through the very call train_pg makes (pg_update_kwargs), one optimizer step's
+    gradient is the float64 one-shot reference whatever the microbatch size; token_mean is a true
+    mean over the minibatch's response tokens (it was sum / max_new_tokens, scaling with microbatch)."""
+    from mathpt.train.pg import pg_update_kwargs
+
+    batch = rollout(9)
+    m = copy.deepcopy(model64)
+    lp = naive_response_log_probs(m, batch["input_ids"], batch["labels"])["log_probs"]
+    per_tok = -batch["advantages"].double()[:, None] * lp
+    mask = batch["response_mask"]
+    masked = torch.where(mask, per_tok, 0.0)
+    lengths = mask.sum(-1).clamp(min=1)
+    ref_loss = {
+        "seq_mean": (masked.sum(-1) / lengths).mean(),
+        "token_mean": masked.sum() / mask.sum(),
+        "sum_norm": (masked.sum(-1) / 11.0).mean(),
+    }[aggregation]
+    ref_loss.backward()
+    ref = [p.grad.clone() for p in m.parameters()]
+    for micro in (B, 4, 2, 1):
+        kw = pg_update_kwargs(_pg_cfg(aggregation, micro), seed=0, step=0)
+        got, metrics = sgd_delta(model64, lambda mm, o, kw=kw: pg_update(mm, o, batch, **kw))
+        assert metrics["optimizer_steps"] == 1
+        for g, r in zip(got, ref, strict=True):
+            torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10, msg=f"microbatch {micro}")
+
+
+def test_tis_weights_multiply_every_variants_per_token_loss(model64):
+    """With off_policy_correction tis, the gradient is that of min(pi_old / pi_sampler, cap) x the
+    per-token loss (float64 reference), for a variant without a ratio of its own."""
+    batch = rollout(10)
+    gen = torch.Generator().manual_seed(1)
+    old = compute_old_log_probs(model64, batch, microbatch_size=B, autocast_dtype=None)
+    sampler = old + torch.randn(old.shape, generator=gen, dtype=old.dtype) * 0.7
+    b = dict(batch, old_log_probs=old, sampler_log_probs=sampler)
+    m = copy.deepcopy(model64)
+    lp = naive_response_log_probs(m, batch["input_ids"], batch["labels"])["log_probs"]
+    w = torch.exp(old - sampler).clamp(max=1.5)
+    per_tok = -batch["advantages"].double()[:, None] * lp * w
+    mask = batch["response_mask"]
+    (torch.where(mask, per_tok, 0.0).sum() / mask.sum()).backward()
+    got, metrics = sgd_delta(
+        model64,
+        lambda mm, o: pg_update(
+            mm,
+            o,
+            b,
+            "reinforce_with_baseline",
+            microbatch_size=2,
+            max_grad_norm=None,
+            loss_aggregation="token_mean",
+            autocast_dtype=None,
+            off_policy_correction="tis",
+            tis_cap=1.5,
+        ),
+    )
+    for g, p in zip(got, m.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-10)
+    assert metrics["tis_weight_mean"] == pytest.approx(float(w[mask].mean()), rel=1e-9)
+    assert metrics["sampler_logp_gap_max"] == pytest.approx(
+        float((old - sampler)[mask].abs().max()), rel=1e-9
+    )
+    with pytest.raises(ValueError, match="sampler"):
+        pg_update(
+            copy.deepcopy(model64),
+            torch.optim.SGD(model64.parameters(), lr=0.0),
+            batch,
+            "reinforce_with_baseline",
+            autocast_dtype=None,
+            off_policy_correction="tis",
+        )

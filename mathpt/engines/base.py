@@ -25,6 +25,15 @@ class SamplingConfig:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: bool = True  # return the sampled tokens' log-probs
+    # one seed per output row (prompt-major: prompt i, sample j -> i * n + j); overrides ``seed``, so
+    # every sample has its own reproducible noise stream (rollouts: see ``train.pg.sample_seeds``)
+    seeds: tuple[int, ...] | None = None
+
+    def row_seeds(self, n_prompts: int) -> tuple[int, ...] | None:
+        """``seeds``, checked against the number of output rows."""
+        if self.seeds is not None and len(self.seeds) != n_prompts * self.n:
+            raise ValueError(f"{len(self.seeds)} seeds for {n_prompts} prompts x n={self.n} samples")
+        return self.seeds
 
 
 @dataclass

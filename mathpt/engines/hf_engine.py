@@ -19,8 +19,18 @@ from mathpt.engines.base import Generation, SamplingConfig
 
 Prompt = str | Sequence[int]
 # vLLM engine settings that mean nothing here; accepted so one runtime config serves both engines
-VLLM_ONLY_KWARGS = frozenset({"gpu_memory_utilization", "enforce_eager", "kv_cache_memory_bytes", "seed",
-                              "weight_load", "load_format", "skip_tokenizer_init", "enable_prefix_caching"})
+VLLM_ONLY_KWARGS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "kv_cache_memory_bytes",
+        "seed",
+        "weight_load",
+        "load_format",
+        "skip_tokenizer_init",
+        "enable_prefix_caching",
+    }
+)
 
 
 def split_stops(stop: Iterable[str], tokenizer) -> tuple[list[str], list[int]]:
@@ -48,6 +58,24 @@ class _StopOnText:
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.width :], skip_special_tokens=True)
         return torch.tensor([any(s in t for s in self.stops) for t in texts], device=input_ids.device)
+
+
+class _PerRowSampler:
+    """Logits processor that draws each row's next token from the row's own ``torch.Generator``.
+
+    Runs after transformers' temperature / top-p warpers and returns scores that are -inf except at
+    the drawn token, so ``generate``'s own multinomial can only pick it. A row's draws then depend
+    on its seed alone, not on which rows share its batch (vLLM's per-request ``seed`` does the same).
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.gens = [torch.Generator(device=device).manual_seed(int(s) % 2**63) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float(), dim=-1)
+        picks = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.gens)])
+        out = torch.full_like(scores, -torch.inf)
+        return out.scatter_(1, picks.unsqueeze(1), 0.0)
 
 
 def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
@@ -134,24 +162,32 @@ class HFEngine:
         )
         # one row per (prompt, sample), in output order
         rows = [(i, s) for i in range(len(encoded)) for s in range(params.n)]
+        seeds = params.row_seeds(len(encoded)) if not greedy else None
         out: list[Generation] = []
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, enabled=params.seed is not None):
             if params.seed is not None:
                 torch.manual_seed(params.seed)
             for start in range(0, len(rows), self.batch_size):
-                out += self._generate_batch(rows[start : start + self.batch_size], encoded, gen_cfg, pad,
-                                            stop_set, text_stops, params)
+                chunk = rows[start : start + self.batch_size]
+                row_seeds = [seeds[i * params.n + j] for i, j in chunk] if seeds is not None else None
+                out += self._generate_batch(
+                    chunk, encoded, gen_cfg, pad, stop_set, text_stops, params, row_seeds
+                )
         return out
 
-    def _generate_batch(self, rows, encoded, gen_cfg, pad, stop_set, text_stops, params) -> list[Generation]:
+    def _generate_batch(
+        self, rows, encoded, gen_cfg, pad, stop_set, text_stops, params, row_seeds=None
+    ) -> list[Generation]:
         seqs = [encoded[i] for i, _ in rows]
         width = max(len(s) for s in seqs)
         max_new = params.max_new_tokens
         if self.max_model_len is not None:  # like vLLM: prompt + completion fit in max_model_len
             longest = max(len(s) for s in seqs)
             if longest >= self.max_model_len:
-                raise ValueError(f"prompt of {longest} tokens does not fit max_model_len={self.max_model_len}")
+                raise ValueError(
+                    f"prompt of {longest} tokens does not fit max_model_len={self.max_model_len}"
+                )
             max_new = min(max_new, self.max_model_len - longest)
         if max_new != gen_cfg.max_new_tokens:
             gen_cfg = copy.deepcopy(gen_cfg)
@@ -161,14 +197,20 @@ class HFEngine:
         for r, s in enumerate(seqs):
             ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
             mask[r, width - len(s) :] = 1
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
-        stopping = StoppingCriteriaList([_StopOnText(self.tokenizer, text_stops, width)] if text_stops else [])
+        stopping = StoppingCriteriaList(
+            [_StopOnText(self.tokenizer, text_stops, width)] if text_stops else []
+        )
+        sampler = LogitsProcessorList(
+            [_PerRowSampler(row_seeds, self.device)] if row_seeds is not None else []
+        )
         res = self.model.generate(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
             generation_config=gen_cfg,
             stopping_criteria=stopping,
+            logits_processor=sampler,
         )
         new = res.sequences[:, width:].cpu()
         token_lp = None

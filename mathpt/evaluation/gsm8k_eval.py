@@ -9,7 +9,11 @@ each chunk is one engine call whose contents do not depend on the shard count, a
 greedy, the merged rows are identical whatever ``num_shards`` is.
 
 Row contract (one per problem, ordered by index): index, id, prompt_hash, response, extracted,
-gold, correct, generated_tokens, truncated.
+gold, correct, formatted, correct_any_format, generated_tokens, truncated. ``correct`` is the
+style's grader (answer format required, as in training); ``formatted`` says the format was found;
+``correct_any_format`` grades the final answer however it was written, so a gain that is only
+format shows as such; ``truncated`` says generation hit ``max_new_tokens`` (finish_reason "length"),
+which the grader counts as wrong whatever the text so far.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ ROW_TYPES: dict[str, tuple[type, ...]] = {
     "extracted": (str, type(None)),
     "gold": (str,),
     "correct": (bool,),
+    "formatted": (bool,),
+    "correct_any_format": (bool,),
     "generated_tokens": (int,),
     "truncated": (bool,),
 }
@@ -62,8 +68,10 @@ def select_fewshot(pool: list[dict], k: int, seed: int, test_rows: list[dict] = 
         if "id" not in row or not isinstance(row["id"], str):
             raise MathptError(f"few-shot pool row {i}: missing string 'id'")
         if row["id"].startswith("test-"):
-            raise MathptError(f"few-shot pool row {i} has id {row['id']!r}: few-shot examples must come "
-                              "from the train split, never from test")
+            raise MathptError(
+                f"few-shot pool row {i} has id {row['id']!r}: few-shot examples must come "
+                "from the train split, never from test"
+            )
     if k > len(pool):
         raise MathptError(f"k_shot={k} but the few-shot pool has only {len(pool)} rows")
     ordered = sorted(pool, key=lambda r: r["id"])
@@ -90,13 +98,19 @@ def split_shards(chunks: list, num_shards: int) -> list[list]:
     shards, start = [], 0
     for s in range(num_shards):
         size = q + (s < r)
-        shards.append(chunks[start:start + size])
+        shards.append(chunks[start : start + size])
         start += size
     return [s for s in shards if s]
 
 
-def generate_shard(model_dir: str, engine: str, engine_kwargs: dict, chunks: list[list[tuple[int, str]]],
-                   params: SamplingConfig, device: str) -> list[dict]:
+def generate_shard(
+    model_dir: str,
+    engine: str,
+    engine_kwargs: dict,
+    chunks: list[list[tuple[int, str]]],
+    params: SamplingConfig,
+    device: str,
+) -> list[dict]:
     """Generate every chunk of one shard with one engine; one raw result per (index, prompt)."""
     from tqdm import tqdm
 
@@ -111,10 +125,19 @@ def generate_shard(model_dir: str, engine: str, engine_kwargs: dict, chunks: lis
         for chunk in tqdm(chunks, desc=f"gsm8k eval ({device}, pid {os.getpid()})", unit="batch"):
             gens = eng.generate([p for _, p in chunk], params)
             if len(gens) != len(chunk):
-                raise MathptError(f"engine {engine} returned {len(gens)} generations for {len(chunk)} prompts")
+                raise MathptError(
+                    f"engine {engine} returned {len(gens)} generations for {len(chunk)} prompts"
+                )
             for (index, _), g in zip(chunk, sorted(gens, key=lambda g: g.prompt_index), strict=True):
-                out.append({"index": index, "text": g.text, "generated_tokens": len(g.token_ids),
-                            "truncated": g.truncated, "weight_version": g.weight_version})
+                out.append(
+                    {
+                        "index": index,
+                        "text": g.text,
+                        "generated_tokens": len(g.token_ids),
+                        "truncated": g.truncated,
+                        "weight_version": g.weight_version,
+                    }
+                )
     finally:
         eng.close()
     return out
@@ -137,7 +160,8 @@ def check_context(model_dir: str, prompts: list[str], max_new_tokens: int, max_m
             f"GSM8K eval: problem {longest} has a {lengths[longest]}-token prompt; with max_new_tokens="
             f"{max_new_tokens} it needs {lengths[longest] + max_new_tokens} positions but the context is "
             f"{min(limits)} (max_position_embeddings/max_model_len). Use fewer shots (k_shot), a smaller "
-            "max_new_tokens or a larger max_model_len.")
+            "max_new_tokens or a larger max_model_len."
+        )
     return lengths[longest]
 
 
@@ -171,7 +195,7 @@ def run_gsm8k_eval(
     ``inline`` runs the shards one after another in this process (debugging; the hf engine on cpu).
     """
     from mathpt.prompts import format_fewshot_prompt, stop_strings
-    from mathpt.rewards import extract_final_answer, get_reward_fn
+    from mathpt.rewards import answer_correct_any_format, extract_final_answer, get_reward_fn
 
     t0 = time.time()
     if inline and engine != "hf":
@@ -188,8 +212,15 @@ def run_gsm8k_eval(
             raise MathptError(f"test row {i} (id={r.get('id', '?')}): missing key(s) {missing}")
     examples = select_fewshot(fewshot_pool, k_shot, fewshot_seed, rows_in)
     prompts = [format_fewshot_prompt(r["question"], examples, style) for r in rows_in]
-    params = SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0, n=1,
-                            stop=tuple(stop_strings(style)), seed=0, logprobs=False)
+    params = SamplingConfig(
+        max_new_tokens=max_new_tokens,
+        temperature=0.0,
+        top_p=1.0,
+        n=1,
+        stop=tuple(stop_strings(style)),
+        seed=0,
+        logprobs=False,
+    )
     engine_kwargs = dict(engine_kwargs or {})
     longest_prompt = check_context(model_dir, prompts, max_new_tokens, engine_kwargs.get("max_model_len"))
     devices = list(devices or default_devices())
@@ -217,22 +248,27 @@ def run_gsm8k_eval(
         # style's answer format, so a bare number at the end that `extracted` finds is not enough
         reward = reward_fn(g["text"], gold)
         n_format += reward["format_reward"] > 0
-        rows.append({
-            "index": g["index"],
-            "id": r["id"],
-            "prompt_hash": sha256_text(prompt),
-            "response": g["text"],
-            "extracted": extract_final_answer(g["text"]),
-            "gold": gold,
-            "correct": bool(reward["answer_reward"] > 0),
-            "generated_tokens": g["generated_tokens"],
-            "truncated": bool(g["truncated"]),
-        })
+        rows.append(
+            {
+                "index": g["index"],
+                "id": r["id"],
+                "prompt_hash": sha256_text(prompt),
+                "response": g["text"],
+                "extracted": extract_final_answer(g["text"]),
+                "gold": gold,
+                "correct": bool(reward["answer_reward"] > 0),
+                "formatted": bool(reward["format_reward"] > 0),
+                "correct_any_format": answer_correct_any_format(g["text"], gold),
+                "generated_tokens": g["generated_tokens"],
+                "truncated": bool(g["truncated"]),
+            }
+        )
     n = len(rows)
     summary: dict[str, Any] = {
         "n": n,
         "accuracy": sum(r["correct"] for r in rows) / n,
         "format_rate": n_format / n,
+        "accuracy_any_format": sum(r["correct_any_format"] for r in rows) / n,
         "truncated_fraction": sum(r["truncated"] for r in rows) / n,
         "mean_generated_tokens": sum(r["generated_tokens"] for r in rows) / n,
         "k_shot": k_shot,
@@ -255,7 +291,9 @@ def run_gsm8k_eval(
     return rows, summary
 
 
-def write_eval(rows: list[dict], summary: dict, out_jsonl: str | os.PathLike, out_summary_json: str | os.PathLike) -> None:
+def write_eval(
+    rows: list[dict], summary: dict, out_jsonl: str | os.PathLike, out_summary_json: str | os.PathLike
+) -> None:
     """Write the rows and the summary, each atomically."""
     write_jsonl(out_jsonl, rows)
     atomic_write_json(out_summary_json, summary)
@@ -274,8 +312,10 @@ def read_eval(path: str | os.PathLike) -> list[dict]:
             value = row[key]
             # bool is an int in Python: an index or token count of `true` is still malformed
             if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
-                raise DataError(f"{path}:{lineno}: key {key!r} should be {'/'.join(t.__name__ for t in types)}, "
-                                f"got {json.dumps(value)[:80]}")
+                raise DataError(
+                    f"{path}:{lineno}: key {key!r} should be {'/'.join(t.__name__ for t in types)}, "
+                    f"got {json.dumps(value)[:80]}"
+                )
         if row["index"] != len(rows):
             raise DataError(f"{path}:{lineno}: index {row['index']} out of order (expected {len(rows)})")
         rows.append(row)

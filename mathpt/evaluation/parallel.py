@@ -66,7 +66,50 @@ def _environ(updates: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _child(fn: Callable[..., Any], kwargs: dict, device: str, out_path: str) -> None:
+PARENT_POLL_S = 0.5
+
+
+def guard_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """Make this process lead its own process group and take that group down if ``parent_pid`` dies.
+
+    A job killed hard (SIGKILL, OOM killer, scheduler) cannot stop its spawned jobs; without this
+    they (and the vLLM engine processes they start, which stay in their group) would outlive it and
+    hold the GPU. A daemon thread polls ``getppid`` (re-parenting is how a parent's death shows) and
+    kills the whole group within ``poll_s``; the parent's own clean-up kills the group the same way.
+    """
+    import signal
+    import threading
+
+    with contextlib.suppress(OSError):
+        os.setsid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+            time.sleep(poll_s)
+
+    if os.getppid() != parent_pid:  # died before the thread could start
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True, name="parent-watchdog").start()
+
+
+def _kill_group(p) -> None:
+    """Kill a job process and everything in its group (it leads one: see guard_parent)."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+        if p.pid is not None and p.pid != os.getpgrp():  # its group id is its pid; never our own group
+            os.killpg(p.pid, signal.SIGKILL)
+    if p.is_alive():
+        p.kill()
+
+
+def _child(
+    fn: Callable[..., Any], kwargs: dict, device: str, out_path: str, parent_pid: int | None = None
+) -> None:
+    if parent_pid is not None:
+        guard_parent(parent_pid)
     try:
         result = ("ok", fn(device=device, **kwargs))
     except BaseException as e:  # report every failure to the parent, which raises it
@@ -81,6 +124,7 @@ def run_on_devices(fn: Callable[..., Any], jobs: list[tuple[str, dict]], what: s
 
     Inside a job the device is ``cuda:0`` (its GPU pinned through CUDA_VISIBLE_DEVICES) or ``cpu``.
     If a job fails, the others are stopped and a MathptError carries the failing job's traceback.
+    Each job leads its own process group and dies with this process (:func:`guard_parent`).
     """
     check_devices([d for d, _ in jobs])
     n_cpu = sum(d == "cpu" for d, _ in jobs)
@@ -96,16 +140,17 @@ def run_on_devices(fn: Callable[..., Any], jobs: list[tuple[str, dict]], what: s
                 env, child_device = {"CUDA_VISIBLE_DEVICES": _physical_gpu(device)}, "cuda:0"
             # spawn copies os.environ when the process starts; daemon=False since vLLM has children
             with _environ(env):
-                p = ctx.Process(target=_child, args=(fn, kwargs, child_device, str(out)), daemon=False)
+                p = ctx.Process(
+                    target=_child, args=(fn, kwargs, child_device, str(out), os.getpid()), daemon=False
+                )
                 p.start()
             procs.append((p, out, device))
         results: list[Any] = [None] * len(procs)
         try:
             _wait(procs, results, what)
-        finally:
+        finally:  # on success the jobs have exited; their engine processes may not have: kill the groups
             for p, _, _ in procs:
-                if p.is_alive():
-                    p.terminate()
+                _kill_group(p)
                 p.join()
         return results
 

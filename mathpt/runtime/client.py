@@ -37,17 +37,13 @@ import torch
 
 from mathpt.engines.base import SamplingConfig
 from mathpt.io import MathptError
-from mathpt.runtime.handoff import Layout, Mailbox, make_sender, named_weights, resolve_mode
+from mathpt.runtime.handoff import Layout, Mailbox, WorkerError, make_sender, named_weights, resolve_mode
 from mathpt.runtime.worker import KINDS, Job, JobResult, WorkerConfig, worker_main
 
 __all__ = ["InferenceClient", "JobResult", "RolloutPipeline", "WorkerError", "JobTimeout"]
 
 BOOT_GRACE_S = 120.0  # before the worker's first heartbeat (spawn + imports on a loaded machine)
 STARTUP_HEARTBEAT_S = 300.0  # the heartbeat limit until the engine is up
-
-
-class WorkerError(MathptError):
-    """The inference worker died, hung, failed to start or failed a weight hand-off."""
 
 
 class JobTimeout(MathptError):
@@ -136,6 +132,8 @@ class InferenceClient:
         engine_kwargs: dict | None = None,
         heartbeat_timeout_s: float = 30.0,
         startup_timeout_s: float = 900.0,
+        job_timeout_s: float = 3600.0,
+        handoff_timeout_s: float = 600.0,
     ) -> None:
         if engine not in ("vllm", "hf"):
             raise MathptError(f"engine {engine!r}: expected 'vllm' or 'hf'")
@@ -146,6 +144,9 @@ class InferenceClient:
         self.engine_kwargs = dict(engine_kwargs or {})
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.startup_timeout_s = startup_timeout_s
+        # Every wait is bounded: a worker that beats but is stuck (a wedged engine, a collective that
+        # never completes) ends the job with a message naming what was waited for.
+        self.job_timeout_s, self.handoff_timeout_s = job_timeout_s, handoff_timeout_s
         self._proc = None
         self._result_q = None
         self._mailbox = None
@@ -184,7 +185,15 @@ class InferenceClient:
         cfg = WorkerConfig(self.engine, self.model_path, self.device, self.engine_kwargs, os.getpid())
         self._proc = ctx.Process(
             target=worker_main,
-            args=(cfg, self._job_q, self._result_q, self._ctrl_q, self._ack_q, self._mailbox, self._heartbeat),
+            args=(
+                cfg,
+                self._job_q,
+                self._result_q,
+                self._ctrl_q,
+                self._ack_q,
+                self._mailbox,
+                self._heartbeat,
+            ),
             name="mathpt-inference-worker",
             daemon=True,
         )
@@ -202,7 +211,9 @@ class InferenceClient:
             self._drain(0.2)
             self._check()
             if self._ready is None and time.monotonic() > deadline:
-                self._fail(f"the inference worker ({self.engine} on {self.device}) did not start within {timeout:.0f} s")
+                self._fail(
+                    f"the inference worker ({self.engine} on {self.device}) did not start within {timeout:.0f} s"
+                )
         return self._ready
 
     def close(self) -> None:
@@ -265,7 +276,11 @@ class InferenceClient:
             self._fail(f"the inference worker (pid {self._proc.pid}) {how}" + self._fatal_suffix())
         silent = time.time() - self._heartbeat.value
         # engine start-up (compilation, graph capture) may hold the GIL for long stretches
-        limit = self.heartbeat_timeout_s if self._ready is not None else max(self.heartbeat_timeout_s, STARTUP_HEARTBEAT_S)
+        limit = (
+            self.heartbeat_timeout_s
+            if self._ready is not None
+            else max(self.heartbeat_timeout_s, STARTUP_HEARTBEAT_S)
+        )
         if silent > limit:
             self._fail(
                 f"the inference worker (pid {self._proc.pid}) sent no heartbeat for {silent:.1f} s "
@@ -307,29 +322,44 @@ class InferenceClient:
     def _send_ctrl(self, msg: tuple) -> None:
         self._ctrl_q.put(msg)
 
-    def _wait_ack(self, key) -> None:
+    def _wait_ack(self, key, timeout_s: float | None = None) -> bool:
+        """Wait for the worker to acknowledge hand-off step ``key``; raise with its error if it failed.
+
+        With ``timeout_s`` return False when it passes first (0: look once); without, wait at most
+        ``handoff_timeout_s`` and then fail naming the step.
+        """
+        limit = self.handoff_timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + limit
         while True:
             self._check()
             try:
-                got, err = self._ack_q.get(timeout=0.2)
+                got, err = self._ack_q.get(timeout=min(0.2, max(0.0, deadline - time.monotonic())) or 0.001)
             except queue.Empty:
-                continue
-            if got != key:
-                continue
-            if err is not None:
-                self._fail(f"weight hand-off {key} failed in the inference worker:\n{err}")
-            return
+                got, err = None, None
+            if got == key:
+                if err is not None:
+                    self._fail(f"weight hand-off {key} failed in the inference worker:\n{err}")
+                return True
+            if time.monotonic() >= deadline:
+                if timeout_s is not None:
+                    return False
+                self._fail(
+                    f"the inference worker did not acknowledge weight hand-off {key} within {limit:.0f} s "
+                    "(runtime.handoff_timeout_s)"
+                )
 
     def push_weights(self, model, version: int) -> float:
         """Stage ``model``'s weights as ``version`` in the worker; returns the seconds it blocked.
 
         Returns once the new weights sit where the worker applies them from, between two
-        generations; jobs submitted afterwards run with ``version`` or newer. ``model`` is an
+        generations; jobs submitted afterwards run on exactly ``version``. ``model`` is an
         ``nn.Module`` (HF parameter names) or an iterable/dict of ``(name, tensor)``.
         """
         t0 = time.perf_counter()
         if version <= self._pushed:
-            raise MathptError(f"push_weights: version {version} must exceed the last pushed version {self._pushed}")
+            raise MathptError(
+                f"push_weights: version {version} must exceed the last pushed version {self._pushed}"
+            )
         self.wait_ready()
         named = named_weights(model)
         if not named:
@@ -348,8 +378,16 @@ class InferenceClient:
         device = named[0][1].device
         mode = resolve_mode(self.handoff, device, self.device)
         dtype = self._ready.get("dtype") or named[0][1].dtype
-        sender = make_sender(mode, Layout.of(named, dtype), device, self._mailbox, self._check,
-                             self._send_ctrl, self._wait_ack)
+        sender = make_sender(
+            mode,
+            Layout.of(named, dtype),
+            device,
+            self._mailbox,
+            self._check,
+            self._send_ctrl,
+            self._wait_ack,
+            timeout_s=self.handoff_timeout_s,
+        )
         self._send_ctrl(("setup", sender.setup_message()))
         sender.connect()
         self._wait_ack(("setup", mode))
@@ -369,19 +407,27 @@ class InferenceClient:
         return self._sender.mode if self._sender is not None else None
 
     def wait_applied(self, version: int, timeout: float | None = None) -> float:
-        """Block until the worker's engine runs ``version`` or newer; returns the seconds waited."""
+        """Block until the worker's engine runs ``version`` or newer (at most ``timeout``, default
+        ``handoff_timeout_s``); returns the seconds waited."""
+        timeout = self.handoff_timeout_s if timeout is None else timeout
         t0 = time.perf_counter()
         while self._mailbox.applied.value < version:
             self._check()
-            if timeout is not None and time.perf_counter() - t0 > timeout:
-                raise JobTimeout(f"the worker did not apply weight version {version} within {timeout} s")
+            if time.perf_counter() - t0 > timeout:
+                raise JobTimeout(
+                    f"the worker did not apply weight version {version} within {timeout:.0f} s "
+                    f"(it runs version {self._mailbox.applied.value})"
+                )
             time.sleep(0.0002)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------ jobs
 
-    def submit(self, kind: str, prompts: Sequence, params: SamplingConfig, step: int, tag: dict | None = None) -> int:
-        """Queue a job (non-blocking); it runs with the newest pushed weights or newer."""
+    def submit(
+        self, kind: str, prompts: Sequence, params: SamplingConfig, step: int, tag: dict | None = None
+    ) -> int:
+        """Queue a job (non-blocking); it runs on exactly the newest pushed weights (the worker holds
+        newer ones back until it is done, so which weights generated it never depends on timing)."""
         if kind not in KINDS:
             raise MathptError(f"submit: kind {kind!r}: expected one of {KINDS}")
         if not prompts:
@@ -404,17 +450,24 @@ class InferenceClient:
         return [self._results.pop(i) for i in ids]
 
     def wait(self, job_id: int, timeout: float | None = None) -> JobResult:
-        """Block until ``job_id`` finishes (raises ``WorkerError`` if the worker dies meanwhile)."""
+        """Block until ``job_id`` finishes, at most ``timeout`` s (default ``job_timeout_s``); raises
+        ``WorkerError`` if the worker dies meanwhile, ``JobTimeout`` naming the job when time runs out."""
         if job_id in self._delivered:
             raise MathptError(f"wait: job {job_id} was already returned by poll()")
         if job_id not in self._results and job_id not in self._outstanding:
             raise MathptError(f"wait: unknown job id {job_id}")
-        deadline = None if timeout is None else time.monotonic() + timeout
+        timeout = self.job_timeout_s if timeout is None else timeout
+        deadline = time.monotonic() + timeout
         while job_id not in self._results:
             self._drain(0.1)
             self._check()
-            if deadline is not None and time.monotonic() > deadline and job_id not in self._results:
-                raise JobTimeout(f"wait: job {job_id} did not finish within {timeout} s")
+            if time.monotonic() > deadline and job_id not in self._results:
+                kind = self._outstanding.get(job_id, "")
+                raise JobTimeout(
+                    f"wait: {kind} job {job_id} did not finish within {timeout:g} s "
+                    f"(runtime.job_timeout_s); the worker ({self.engine} on {self.device}) is alive "
+                    f"but its engine made no result; {len(self._outstanding)} job(s) unfinished"
+                )
         self._delivered.add(job_id)
         return self._results.pop(job_id)
 
@@ -425,27 +478,40 @@ class InferenceClient:
 
 
 class RolloutPipeline:
-    """Rollout jobs kept up to ``max_staleness`` steps ahead of the trainer.
+    """Rollout jobs kept up to ``max_staleness`` steps ahead of the trainer: the one owner of rollout
+    submit / wait / staleness (``train_pg`` uses it; evals go through ``EvalTracker``, which polls
+    only eval results, so the two never take each other's).
 
-    ``make_job(step) -> (prompts, tag)`` gives step ``step``'s prompts. With ``max_staleness=0``
-    each step's rollouts are generated after the weights of the previous step were pushed
-    (synchronous, the trainer waits). With ``1`` the worker generates batch k+1 with weights k
-    while the trainer learns on batch k; the batch is then at most one version old. Call
-    ``get(step)`` once per step and ``client.push_weights`` after each optimizer update.
+    ``make_job(step) -> (prompts, tag)`` gives step ``step``'s prompts; ``params`` is a
+    ``SamplingConfig`` or a function of the step (e.g. per-step sampling seeds). With
+    ``max_staleness=0`` each step's rollouts are generated after the weights of the previous step
+    were pushed (synchronous, the trainer waits). With ``1`` the worker generates batch k+1 with
+    weights k while the trainer learns on batch k; the batch is then at most one version old. Call
+    ``get(step)`` once per step and ``client.push_weights`` after each optimizer update. No job is
+    queued for a step at or past ``n_steps`` (None: no end).
     """
 
-    def __init__(self, client: InferenceClient, params: SamplingConfig,
-                 make_job: Callable[[int], tuple[Sequence, dict | None]], max_staleness: int = 0) -> None:
+    def __init__(
+        self,
+        client: InferenceClient,
+        params: SamplingConfig | Callable[[int], SamplingConfig],
+        make_job: Callable[[int], tuple[Sequence, dict | None]],
+        max_staleness: int = 0,
+        n_steps: int | None = None,
+    ) -> None:
         if max_staleness < 0:
             raise MathptError(f"max_staleness must be >= 0, got {max_staleness}")
         self.client, self.params, self.make_job, self.max_staleness = client, params, make_job, max_staleness
+        self.n_steps = n_steps
         self._jobs: dict[int, int] = {}
         self.wait_s = 0.0  # total trainer time blocked in get()
+        self.last_wait_s = 0.0  # that of the last get()
 
     def _submit(self, step: int) -> None:
-        if step not in self._jobs:
+        if step not in self._jobs and (self.n_steps is None or step < self.n_steps):
             prompts, tag = self.make_job(step)
-            self._jobs[step] = self.client.submit("rollout", prompts, self.params, step=step, tag=tag)
+            params = self.params if isinstance(self.params, SamplingConfig) else self.params(step)
+            self._jobs[step] = self.client.submit("rollout", prompts, params, step=step, tag=tag)
 
     def get(self, step: int, timeout: float | None = None) -> JobResult:
         """Step ``step``'s rollouts; also queues the next ``max_staleness`` steps' jobs."""
@@ -454,7 +520,8 @@ class RolloutPipeline:
             self._submit(ahead)
         t0 = time.perf_counter()
         res = self.client.wait(self._jobs.pop(step), timeout=timeout).raise_for_error()
-        self.wait_s += time.perf_counter() - t0
+        self.last_wait_s = time.perf_counter() - t0
+        self.wait_s += self.last_wait_s
         lag = self.client.pushed_version - res.weight_version
         if lag > self.max_staleness:
             raise MathptError(

@@ -33,6 +33,11 @@ import torch
 
 from mathpt.io import MathptError
 
+
+class WorkerError(MathptError):
+    """The inference worker died, hung, failed to start or failed a weight hand-off."""
+
+
 MODES = ("shm", "cuda_ipc", "nccl", "disk")
 _PREFIXES = ("_orig_mod.", "module.")  # torch.compile / DDP wrappers
 
@@ -73,7 +78,9 @@ class Layout:
         want = [(s.name, s.shape) for s in self.specs]
         if got != want:
             diff = sorted(set(got) ^ set(want))[:5]
-            raise MathptError(f"push_weights: the model's parameters changed since the first push (e.g. {diff})")
+            raise MathptError(
+                f"push_weights: the model's parameters changed since the first push (e.g. {diff})"
+            )
 
     def pack(self, named: list[tuple[str, torch.Tensor]], flat: torch.Tensor) -> None:
         """Copy (and cast) every tensor into its slot of ``flat``: one fused launch where possible."""
@@ -123,10 +130,17 @@ class Mailbox:
         self.staged = ctx.Value("q", 0, lock=False)
         self.applied = ctx.Value("q", 0, lock=False)
 
-    def acquire(self, check: Callable[[], None]) -> None:
-        """Take the lock, calling ``check`` (which raises if the worker died) while waiting."""
-        while not self.lock.acquire(timeout=0.5):
+    def acquire(self, check: Callable[[], None], timeout_s: float = 600.0) -> None:
+        """Take the lock, calling ``check`` (which raises if the worker died) while waiting; a worker
+        that holds it longer than ``timeout_s`` (stuck applying weights) ends the wait with an error."""
+        deadline = time.monotonic() + timeout_s
+        while not self.lock.acquire(timeout=min(0.5, timeout_s)):
             check()
+            if time.monotonic() > deadline:
+                raise WorkerError(
+                    f"the inference worker held the weight hand-off lock for more than {timeout_s:.0f} s "
+                    "(runtime.handoff_timeout_s): it is stuck applying weights"
+                )
 
 
 def _free_port() -> int:
@@ -156,15 +170,26 @@ class Sender:
     """Trainer side of one hand-off mode.
 
     ``check()`` raises if the worker died; ``send(msg)`` puts a message on the worker's hand-off
-    queue; ``wait_ack(key)`` blocks (checking the worker) until the worker acknowledges ``key``.
+    queue; ``wait_ack(key, timeout_s=None)`` blocks (checking the worker) until the worker
+    acknowledges ``key``, raising with the worker's error if it failed; with ``timeout_s`` it returns
+    False when that passes first. Every wait here ends within ``timeout_s``.
     """
 
     mode: str
 
-    def __init__(self, layout: Layout, device: torch.device, mailbox: Mailbox, check: Callable[[], None],
-                 send: Callable[[tuple], None], wait_ack: Callable[[object], None]):
+    def __init__(
+        self,
+        layout: Layout,
+        device: torch.device,
+        mailbox: Mailbox,
+        check: Callable[[], None],
+        send: Callable[[tuple], None],
+        wait_ack: Callable[..., bool],
+        timeout_s: float = 600.0,
+    ):
         self.layout, self.device, self.mailbox = layout, device, mailbox
         self.check, self.send, self.wait_ack = check, send, wait_ack
+        self.timeout_s = timeout_s
 
     def setup_message(self) -> dict:
         """What the worker needs to build its ``Receiver``."""
@@ -189,8 +214,8 @@ def _sync(device: torch.device) -> None:
 class SharedBufferSender(Sender):
     """``shm`` and ``cuda_ipc``: the trainer writes the flat buffer the worker reads, under the lock."""
 
-    def __init__(self, mode: str, *args):
-        super().__init__(*args)
+    def __init__(self, mode: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.mode = mode
         buf_device = self.device if mode == "cuda_ipc" else torch.device("cpu")
         self.flat = torch.empty(self.layout.numel, dtype=self.layout.dtype, device=buf_device)
@@ -206,7 +231,7 @@ class SharedBufferSender(Sender):
         return {"mode": self.mode, "layout": self.layout, "flat": self.flat}
 
     def push(self, named, version) -> None:
-        self.mailbox.acquire(self.check)
+        self.mailbox.acquire(self.check, self.timeout_s)
         try:
             self.layout.pack(named, self.flat)
             _sync(self.flat.device)
@@ -220,8 +245,8 @@ class DiskSender(Sender):
 
     mode = "disk"
 
-    def __init__(self, *args):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         base = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.dir = Path(tempfile.mkdtemp(prefix="mathpt-handoff-", dir=base))
 
@@ -235,7 +260,7 @@ class DiskSender(Sender):
         tmp = self.dir / f".v{version}.tmp"
         save_file(tensors, str(tmp))
         os.replace(tmp, disk_path(self.dir, version))
-        self.mailbox.acquire(self.check)
+        self.mailbox.acquire(self.check, self.timeout_s)
         try:
             self.mailbox.staged.value = version
             for f in self.dir.glob("v*.safetensors"):  # the worker reads only the staged file, under the lock
@@ -257,17 +282,22 @@ class NcclSender(Sender):
 
     mode = "nccl"
 
-    def __init__(self, *args, timeout_s: float = 600.0):
-        super().__init__(*args)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.backend = "nccl" if self.device.type == "cuda" else "gloo"
         self.flat = torch.empty(self.layout.numel, dtype=self.layout.dtype, device=self.device)
         self.port = _free_port()
-        self.timeout_s = timeout_s
         self.pg = None
 
     def setup_message(self) -> dict:
-        return {"mode": self.mode, "layout": self.layout, "backend": self.backend, "host": "127.0.0.1",
-                "port": self.port, "timeout_s": self.timeout_s}
+        return {
+            "mode": self.mode,
+            "layout": self.layout,
+            "backend": self.backend,
+            "host": "127.0.0.1",
+            "port": self.port,
+            "timeout_s": self.timeout_s,
+        }
 
     def connect(self) -> None:
         """Rank 0's half of the rendezvous (the worker's thread does rank 1's after the setup message)."""
@@ -278,13 +308,27 @@ class NcclSender(Sender):
     def push(self, named, version) -> None:
         self.layout.pack(named, self.flat)
         _sync(self.device)
-        self.send(("stage", version))
+        key = ("stage", version)
+        self.send(key)
         work = self.pg.broadcast([self.flat], _bcast_opts(0))
-        while not work.is_completed():  # stay responsive if the worker dies mid-transfer
+        deadline = time.monotonic() + self.timeout_s
+        acked, polls = False, 0
+        while not work.is_completed():
+            # The worker dies (check) or reports that its side failed (its error reply on the ack
+            # queue): either way the broadcast would never complete, so neither may the wait.
             self.check()
+            polls += 1
+            if not acked and polls % 50 == 0:
+                acked = self.wait_ack(key, 0.0)
+            if time.monotonic() > deadline:
+                raise WorkerError(
+                    f"nccl hand-off of weight version {version}: the broadcast to the inference worker "
+                    f"did not complete within {self.timeout_s:.0f} s (runtime.handoff_timeout_s)"
+                )
             time.sleep(0.0002)
         work.wait()
-        self.wait_ack(("stage", version))
+        if not acked:
+            self.wait_ack(key)
 
     def close(self) -> None:
         if self.pg is not None and hasattr(self.pg, "abort") and self.backend == "nccl":
@@ -304,15 +348,24 @@ def _bcast_opts(root: int):
     return o
 
 
-def make_sender(mode: str, layout: Layout, device: torch.device, mailbox: Mailbox, check, send, wait_ack) -> Sender:
+def make_sender(
+    mode: str,
+    layout: Layout,
+    device: torch.device,
+    mailbox: Mailbox,
+    check,
+    send,
+    wait_ack,
+    timeout_s: float = 600.0,
+) -> Sender:
     args = (layout, device, mailbox, check, send, wait_ack)
     if mode in ("shm", "cuda_ipc"):
         if mode == "cuda_ipc" and device.type != "cuda":
             raise MathptError("handoff 'cuda_ipc' needs the trainer's model on a GPU")
-        return SharedBufferSender(mode, *args)
+        return SharedBufferSender(mode, *args, timeout_s=timeout_s)
     if mode == "disk":
-        return DiskSender(*args)
-    return NcclSender(*args)
+        return DiskSender(*args, timeout_s=timeout_s)
+    return NcclSender(*args, timeout_s=timeout_s)
 
 
 # ---------------------------------------------------------------- worker side

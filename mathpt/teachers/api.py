@@ -87,13 +87,19 @@ class APITeacherSettings:
             raise MathptError("config key 'teacher.instruction': must contain the placeholder {question}")
         for name in ("samples_per_prompt", "max_tokens", "concurrency"):
             if not isinstance(getattr(s, name), int) or getattr(s, name) < 1:
-                raise MathptError(f"config key 'teacher.{name}': expected a positive integer, got {getattr(s, name)!r}")
+                raise MathptError(
+                    f"config key 'teacher.{name}': expected a positive integer, got {getattr(s, name)!r}"
+                )
         if not s.request_timeout_s or s.request_timeout_s <= 0:
-            raise MathptError(f"config key 'teacher.request_timeout_s': must be > 0, got {s.request_timeout_s!r}")
+            raise MathptError(
+                f"config key 'teacher.request_timeout_s': must be > 0, got {s.request_timeout_s!r}"
+            )
         bad = set(s.prices_per_million) - {"prompt", "completion", "cached_prompt"}
         if bad:
-            raise MathptError(f"config key 'teacher.prices_per_million': unknown entries {sorted(bad)}; "
-                              "expected prompt, completion and optionally cached_prompt (USD per 1M tokens)")
+            raise MathptError(
+                f"config key 'teacher.prices_per_million': unknown entries {sorted(bad)}; "
+                "expected prompt, completion and optionally cached_prompt (USD per 1M tokens)"
+            )
         return s
 
     def request_params(self) -> dict[str, Any]:
@@ -114,8 +120,10 @@ def refuse_credentials(cfg: dict) -> None:
     """Config files end up in provenance, W&B and git: a key there is refused (its value never echoed)."""
     leaked = [k for k in cfg if is_secret_key(k)]
     if leaked:
-        raise MathptError(f"config key 'teacher.{leaked[0]}': do not put credentials in config; put the key in "
-                          "the environment variable named by teacher.api_key_env (or a .env file)")
+        raise MathptError(
+            f"config key 'teacher.{leaked[0]}': do not put credentials in config; put the key in "
+            "the environment variable named by teacher.api_key_env (or a .env file)"
+        )
 
 
 def load_api_key(s: APITeacherSettings) -> str:
@@ -152,9 +160,11 @@ def estimate_cost(usage: dict, prices: dict) -> float | None:
         return None
     cached = usage.get("cached_prompt_tokens", 0)
     p_prompt = prices.get("prompt", 0.0)
-    return ((usage.get("prompt_tokens", 0) - cached) * p_prompt
-            + cached * prices.get("cached_prompt", p_prompt)
-            + usage.get("completion_tokens", 0) * prices.get("completion", 0.0)) / 1e6
+    return (
+        (usage.get("prompt_tokens", 0) - cached) * p_prompt
+        + cached * prices.get("cached_prompt", p_prompt)
+        + usage.get("completion_tokens", 0) * prices.get("completion", 0.0)
+    ) / 1e6
 
 
 def retry_after_s(exc: BaseException) -> float | None:
@@ -185,8 +195,13 @@ def is_retryable(exc: BaseException) -> bool:
         return exc.status_code in RETRYABLE_STATUS or exc.status_code >= 500
     # Timeouts are APIConnectionError too; truncated bodies surface as connection errors,
     # unparseable 200 bodies as JSONDecodeError / APIResponseValidationError.
-    return isinstance(exc, openai.APIConnectionError | openai.APIResponseValidationError
-                      | json.JSONDecodeError | MalformedResponse)
+    return isinstance(
+        exc,
+        openai.APIConnectionError
+        | openai.APIResponseValidationError
+        | json.JSONDecodeError
+        | MalformedResponse,
+    )
 
 
 def _reason(exc: BaseException) -> str:
@@ -285,8 +300,15 @@ class _Stopped(Exception):
     """Another call hit a fatal error: do not retry, do not start anything new."""
 
 
-async def _call_with_retries(client, s: APITeacherSettings, messages: list[dict], acct: Accounting,
-                             key: str, label: str, stop: asyncio.Event) -> dict:
+async def _call_with_retries(
+    client,
+    s: APITeacherSettings,
+    messages: list[dict],
+    acct: Accounting,
+    key: str,
+    label: str,
+    stop: asyncio.Event,
+) -> dict:
     """One chat completion under our retry policy; raises TeacherAPIError when it cannot succeed."""
     from tenacity import (
         AsyncRetrying,
@@ -307,8 +329,13 @@ async def _call_with_retries(client, s: APITeacherSettings, messages: list[dict]
     def before_sleep(rs: RetryCallState) -> None:
         exc = rs.outcome.exception()
         acct.retries[_reason(exc)] += 1
-        log.warning("teacher %s: attempt %d failed (%s); retrying in %.1f s", label, rs.attempt_number,
-                    redact(f"{type(exc).__name__}: {exc}", [key]), rs.next_action.sleep)
+        log.warning(
+            "teacher %s: attempt %d failed (%s); retrying in %.1f s",
+            label,
+            rs.attempt_number,
+            redact(f"{type(exc).__name__}: {exc}", [key]),
+            rs.next_action.sleep,
+        )
 
     async def sleep(seconds: float) -> None:  # a backoff ends early when the run is stopping
         try:
@@ -318,9 +345,14 @@ async def _call_with_retries(client, s: APITeacherSettings, messages: list[dict]
 
     params = s.request_params()
     try:
-        async for attempt in AsyncRetrying(retry=retry_if_exception(is_retryable), wait=wait, sleep=sleep,
-                                           stop=stop_after_attempt(s.max_retries + 1), reraise=True,
-                                           before_sleep=before_sleep):
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(is_retryable),
+            wait=wait,
+            sleep=sleep,
+            stop=stop_after_attempt(s.max_retries + 1),
+            reraise=True,
+            before_sleep=before_sleep,
+        ):
             with attempt:
                 if stop.is_set():
                     raise _Stopped
@@ -331,15 +363,20 @@ async def _call_with_retries(client, s: APITeacherSettings, messages: list[dict]
         raise
     except Exception as exc:
         if is_retryable(exc):
-            raise TeacherAPIError(f"teacher {label}: gave up after {s.max_retries + 1} attempts; last error: "
-                                  + _describe(exc, s, key) + ". Completed calls are cached: rerun to resume.") from None
-        raise TeacherAPIError(f"teacher {label}: non-retryable error, stopping the run: "
-                              + _describe(exc, s, key)) from None
+            raise TeacherAPIError(
+                f"teacher {label}: gave up after {s.max_retries + 1} attempts; last error: "
+                + _describe(exc, s, key)
+                + ". Completed calls are cached: rerun to resume."
+            ) from None
+        raise TeacherAPIError(
+            f"teacher {label}: non-retryable error, stopping the run: " + _describe(exc, s, key)
+        ) from None
     raise AssertionError("unreachable")
 
 
-def run_api_teacher(s: APITeacherSettings, jobs: list[tuple[str, str]], cache_path: str | os.PathLike
-                    ) -> tuple[list[dict], dict]:
+def run_api_teacher(
+    s: APITeacherSettings, jobs: list[tuple[str, str]], cache_path: str | os.PathLike
+) -> tuple[list[dict], dict]:
     """Complete every (row id, question) ``samples_per_prompt`` times, resuming from ``cache_path``.
 
     Returns the records in job order (sample index fastest) and the accounting dict. Raises
@@ -349,7 +386,9 @@ def run_api_teacher(s: APITeacherSettings, jobs: list[tuple[str, str]], cache_pa
     return asyncio.run(_run(s, jobs, cache_path, key))
 
 
-async def _run(s: APITeacherSettings, jobs: list[tuple[str, str]], cache_path, key: str) -> tuple[list[dict], dict]:
+async def _run(
+    s: APITeacherSettings, jobs: list[tuple[str, str]], cache_path, key: str
+) -> tuple[list[dict], dict]:
     import openai
     from tqdm.auto import tqdm
 
@@ -366,15 +405,21 @@ async def _run(s: APITeacherSettings, jobs: list[tuple[str, str]], cache_path, k
     with CompletionCache(cache_path) as cache:
         missing = [w for k, w in unique.items() if k not in cache]
         acct.calls_cached = len(unique) - len(missing)
-        log.info("teacher %s: %d completions wanted, %d cached, %d to request",
-                 s.model, len(wanted), acct.calls_cached, len(missing))
+        log.info(
+            "teacher %s: %d completions wanted, %d cached, %d to request",
+            s.model,
+            len(wanted),
+            acct.calls_cached,
+            len(missing),
+        )
         if missing:
             queue: asyncio.Queue = asyncio.Queue()
             for w in missing:
                 queue.put_nowait(w)
             bar = tqdm(total=len(missing), desc=f"teacher {s.model}", unit="call", disable=not s.progress)
-            client = openai.AsyncOpenAI(api_key=key, base_url=s.base_url, max_retries=0,
-                                        timeout=s.request_timeout_s)
+            client = openai.AsyncOpenAI(
+                api_key=key, base_url=s.base_url, max_retries=0, timeout=s.request_timeout_s
+            )
 
             stop = asyncio.Event()
             errors: list[TeacherAPIError] = []
@@ -397,14 +442,26 @@ async def _run(s: APITeacherSettings, jobs: list[tuple[str, str]], cache_path, k
                             stop.set()
                         errors.append(e)
                         return
-                    cache.put({"key": ck, "model": s.model, "prompt_hash": ph, "sample_index": i,
-                               "row_id": row_id, "created": time.time(), **out})
+                    cache.put(
+                        {
+                            "key": ck,
+                            "model": s.model,
+                            "prompt_hash": ph,
+                            "sample_index": i,
+                            "row_id": row_id,
+                            "created": time.time(),
+                            **out,
+                        }
+                    )
                     acct.calls_new += 1
                     acct.tokens_new.update(out["usage"])
                     bar.update(1)
                     cost = estimate_cost(acct.tokens_new, acct.prices)
-                    bar.set_postfix(cost=f"${cost:.4f}" if cost is not None else "n/a",
-                                    retries=sum(acct.retries.values()), refresh=False)
+                    bar.set_postfix(
+                        cost=f"${cost:.4f}" if cost is not None else "n/a",
+                        retries=sum(acct.retries.values()),
+                        refresh=False,
+                    )
 
             tasks = [asyncio.create_task(worker()) for _ in range(min(s.concurrency, len(missing)))]
             try:

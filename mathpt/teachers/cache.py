@@ -82,8 +82,10 @@ class CompletionCache:
                 rec = json.loads(line)
                 key = rec["key"]
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise DataError(f"{self.path}:{lineno}: corrupt cache line (not a completion record); "
-                                "fix or remove that line, the rest of the cache stays valid") from None
+                raise DataError(
+                    f"{self.path}:{lineno}: corrupt cache line (not a completion record); "
+                    "fix or remove that line, the rest of the cache stays valid"
+                ) from None
             self.records[key] = rec
 
     def __contains__(self, key: str) -> bool:

@@ -14,6 +14,21 @@ graded against the gold answer with ``mathpt.rewards``, and recorded per row (``
 ``correct``). When the teacher is right, the response carries the gold answer's spelling (equivalent
 by the grader, e.g. ``18`` for ``\\$18.00``) so SFT targets are canonical; when it is wrong, a lightly
 normalized form of the teacher's answer.
+
+Which text SFT learns (``teacher.reasoning_source``): by default the teacher's final ``content``,
+i.e. for DeepSeek-R1 its written-up step-by-step solution, not the chain of thought in
+``reasoning_content``. The reference R1 distillation pipeline trains on the chain of thought
+(``reasoning_content``, thousands of tokens of "wait, let me check"); a 1.5B student with a
+2,048-token budget learns more from the short solution, so ``content`` is the default and
+``reasoning_content`` / ``both`` are the opt-ins for a student large enough to imitate the search.
+
+Truncated or empty completions are never ``correct`` (``reject_reason``). When R1 hits
+``max_tokens`` (which counts its reasoning too) ``content`` comes back empty or cut off with
+``finish_reason: length``; the answer can still be read from ``reasoning_content`` and is recorded
+as ``teacher_answer``, but the SFT text built from the content would be answer-only, so such a row
+is rejected as ``truncated``. A completion whose SFT text is blank once cleaned (an empty content
+under the default source, or a content that is nothing but the answer) is rejected as ``empty``. Every row records its ``finish_reason``;
+the traces summary counts both kinds of rejection.
 """
 
 from __future__ import annotations
@@ -40,50 +55,68 @@ def _p(name: str, regex: str, targets: str, *examples: str) -> LinePattern:
 
 
 _META = r"(?:\bi\b|\bi'll\b|\bi'm\b|\bwe\b|\bwe'll\b|\blet me\b|\blet's\b|\bi need\b|\bi should\b|\bmake sure\b|\bremember\b|\bdon't forget\b)"
-_FORMAT_WORD = r"(?:\\boxed|\bbox(?:ed)?\b|<answer>|\banswer tags?\b|\bformat(?:ted|ting)?\b|\bANSWER\b|\blatex\b)"
+_FORMAT_WORD = (
+    r"(?:\\boxed|\bbox(?:ed)?\b|<answer>|\banswer tags?\b|\bformat(?:ted|ting)?\b|\bANSWER\b|\blatex\b)"
+)
 
 # Applied line by line; a line matching any pattern is dropped whole.
 PATTERNS: tuple[LinePattern, ...] = (
-    _p("answer_format_talk",
-       rf"{_META}.*\b(?:output|put|write|present|format|box|enclose|wrap|give|provide|state|place|display)\s+"
-       rf"(?:the\s+|my\s+|our\s+|your\s+)?(?:final\s+)?answer\b|{_META}.*\banswer\b.*{_FORMAT_WORD}",
-       "the teacher announcing how it will present its answer",
-       "I will output ANSWER: 18 at the end.",
-       "I'll put the final answer in a box as instructed.",
-       "Let me make sure to present the final answer within \\boxed{}.",
-       "We need to write the answer in the required format."),
-    _p("instruction_echo",
-       r"\breason(?:ing)? step[- ]by[- ]step\b|\bshow (?:your|my|the) (?:reasoning|work|steps)\b"
-       r"|\bput (?:the|your|my) final answer\b|^\W*as (?:instructed|requested)\b"
-       r"|\bas (?:the )?(?:user|prompt|question) (?:asked|asks|requested|instructed|wants)\b"
-       rf"|^(?=.*{_META}).*\b(?:following|follow|per|according to) (?:the|your|these|my) instructions?\b"
-       r"|\b(?:the )?user (?:wants|asked|asks|is asking|requests|wants me)\b|\bthe prompt (?:says|asks)\b"
-       r"|\b(?:they|you) want(?:s|ed)? (?:me )?to (?:show|see|reason|put|box)\b",
-       "lines repeating or discussing the instruction we sent",
-       "Please reason step by step, and put your final answer within \\boxed{}.",
-       "Okay, so the user wants me to solve this and show my reasoning.",
-       "As instructed, here is the solution.",
-       "Following the instructions, I'll explain each step."),
-    _p("output_format_talk",
-       r"\b(?:output|response|answer) format\b|\bin the (?:required|requested|specified|correct|following|right|proper) format\b"
-       r"|\bformat(?:ting)? (?:the|my|your) (?:final )?(?:answer|response|output)\b|\banswer tags?\b|</?answer>\s*tags?\b",
-       "lines about formatting rather than the problem",
-       "The output format should be a single number.",
-       "Formatting the final answer now.",
-       "I should wrap it in answer tags."),
-    _p("final_answer_heading",
-       r"^\W*(?:final answer|answer|solution|step-by-step (?:solution|explanation))\W*$",
-       "bare headings ('**Final Answer**', 'Answer:') left over once the answer itself is moved",
-       "**Final Answer**", "### Final Answer:", "Answer:"),
+    _p(
+        "answer_format_talk",
+        rf"{_META}.*\b(?:output|put|write|present|format|box|enclose|wrap|give|provide|state|place|display)\s+"
+        rf"(?:the\s+|my\s+|our\s+|your\s+)?(?:final\s+)?answer\b|{_META}.*\banswer\b.*{_FORMAT_WORD}",
+        "the teacher announcing how it will present its answer",
+        "I will output ANSWER: 18 at the end.",
+        "I'll put the final answer in a box as instructed.",
+        "Let me make sure to present the final answer within \\boxed{}.",
+        "We need to write the answer in the required format.",
+    ),
+    _p(
+        "instruction_echo",
+        r"\breason(?:ing)? step[- ]by[- ]step\b|\bshow (?:your|my|the) (?:reasoning|work|steps)\b"
+        r"|\bput (?:the|your|my) final answer\b|^\W*as (?:instructed|requested)\b"
+        r"|\bas (?:the )?(?:user|prompt|question) (?:asked|asks|requested|instructed|wants)\b"
+        rf"|^(?=.*{_META}).*\b(?:following|follow|per|according to) (?:the|your|these|my) instructions?\b"
+        r"|\b(?:the )?user (?:wants|asked|asks|is asking|requests|wants me)\b|\bthe prompt (?:says|asks)\b"
+        r"|\b(?:they|you) want(?:s|ed)? (?:me )?to (?:show|see|reason|put|box)\b",
+        "lines repeating or discussing the instruction we sent",
+        "Please reason step by step, and put your final answer within \\boxed{}.",
+        "Okay, so the user wants me to solve this and show my reasoning.",
+        "As instructed, here is the solution.",
+        "Following the instructions, I'll explain each step.",
+    ),
+    _p(
+        "output_format_talk",
+        r"\b(?:output|response|answer) format\b|\bin the (?:required|requested|specified|correct|following|right|proper) format\b"
+        r"|\bformat(?:ting)? (?:the|my|your) (?:final )?(?:answer|response|output)\b|\banswer tags?\b|</?answer>\s*tags?\b",
+        "lines about formatting rather than the problem",
+        "The output format should be a single number.",
+        "Formatting the final answer now.",
+        "I should wrap it in answer tags.",
+    ),
+    _p(
+        "final_answer_heading",
+        r"^\W*(?:final answer|answer|solution|step-by-step (?:solution|explanation))\W*$",
+        "bare headings ('**Final Answer**', 'Answer:') left over once the answer itself is moved",
+        "**Final Answer**",
+        "### Final Answer:",
+        "Answer:",
+    ),
 )
 
 # Style markup that must not appear inside a reasoning (it would end or corrupt the style's format).
-_MARKUP = re.compile(r"</?think>|</?answer>|<\|im_start\|>(?:assistant|user|system)?\n?|<\|im_end\|>|<\|endoftext\|>", _I)
+_MARKUP = re.compile(
+    r"</?think>|</?answer>|<\|im_start\|>(?:assistant|user|system)?\n?|<\|im_end\|>|<\|endoftext\|>", _I
+)
 _ANSWER_TAGS = re.compile(r"<answer>.*?(?:</answer>|$)", re.DOTALL | _I)
 _HASH_ANSWER = re.compile(r"^\s*####.*$", re.MULTILINE)
 # A line that states the answer: "The final answer is $\boxed{18}$.", "\[ \boxed{18} \]", "Final answer: 18".
-_ANSWER_LINE = re.compile(r"^\W*(?:so,?\s*|therefore,?\s*|thus,?\s*|hence,?\s*)?(?:the\s+)?final\s+answer\b.*$", _I)
-_LEFTOVER = re.compile(r"^[\s$\\\[\]().,:;*_]*(?:so|thus|therefore|hence|the answer is|answer:?)?[\s$\\\[\]().,:;*_]*$", _I)
+_ANSWER_LINE = re.compile(
+    r"^\W*(?:so,?\s*|therefore,?\s*|thus,?\s*|hence,?\s*)?(?:the\s+)?final\s+answer\b.*$", _I
+)
+_LEFTOVER = re.compile(
+    r"^[\s$\\\[\]().,:;*_]*(?:so|thus|therefore|hence|the answer is|answer:?)?[\s$\\\[\]().,:;*_]*$", _I
+)
 
 
 def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
@@ -95,7 +128,7 @@ def _boxed_spans(text: str) -> list[tuple[int, int, str]]:
             depth += (text[i] == "{") - (text[i] == "}")
             i += 1
         if depth == 0:
-            out.append((m.start(), i, text[m.end(): i - 1]))
+            out.append((m.start(), i, text[m.end() : i - 1]))
     return out
 
 
@@ -176,25 +209,38 @@ def extract_answer(text: str) -> str | None:
 
 
 REASONING_SOURCES = ("content", "reasoning_content", "both")
+REJECT_REASONS = ("truncated", "empty")
 
 
-def make_trace_row(row: dict, style: str, teacher: str, sample_index: int, content: str,
-                   reasoning_content: str | None = None, reasoning_source: str = "content") -> tuple[dict, Counter]:
+def make_trace_row(
+    row: dict,
+    style: str,
+    teacher: str,
+    sample_index: int,
+    content: str,
+    reasoning_content: str | None = None,
+    reasoning_source: str = "content",
+    finish_reason: str = "stop",
+) -> tuple[dict, Counter]:
     """A trace row (shared contract) from one completion, plus per-pattern drop counts.
 
     ``content`` is the final output (where the answer is read from, falling back to
     ``reasoning_content`` if the content has none). ``reasoning_source`` chooses what becomes the
     response's reasoning: the final ``content`` (default: R1's step-by-step solution, short enough
     for a small student), the ``reasoning_content`` chain of thought, or ``both`` in that order.
+    ``finish_reason`` is the API's or engine's ("stop", "length", ...): "length" means truncated,
+    and a truncated or empty completion is never ``correct`` (``reject_reason`` says which).
     """
     from mathpt.prompts import format_prompt, format_response
 
     if reasoning_source not in REASONING_SOURCES:
-        raise MathptError(f"config key 'teacher.reasoning_source': {reasoning_source!r} is not one of {REASONING_SOURCES}")
-    teacher_answer = extract_answer(content) if content else None
+        raise MathptError(
+            f"config key 'teacher.reasoning_source': {reasoning_source!r} is not one of {REASONING_SOURCES}"
+        )
+    content = content or ""
+    teacher_answer = extract_answer(content) if content.strip() else None
     if teacher_answer is None and reasoning_content:
         teacher_answer = extract_answer(reasoning_content)
-    correct = _grade(teacher_answer, row["answer"])
     if reasoning_source == "content" or not reasoning_content:
         raw = content
     elif reasoning_source == "reasoning_content":
@@ -202,6 +248,13 @@ def make_trace_row(row: dict, style: str, teacher: str, sample_index: int, conte
     else:
         raw = reasoning_content + "\n\n" + content
     reasoning, dropped = clean_reasoning(raw)
+    if finish_reason == "length":
+        reject = "truncated"
+    elif not reasoning:  # nothing left to learn from but the answer
+        reject = "empty"
+    else:
+        reject = None
+    correct = reject is None and _grade(teacher_answer, row["answer"])
     answer = row["answer"] if correct else normalize_answer(teacher_answer or "")
     try:
         response = format_response(reasoning, answer, style)
@@ -217,5 +270,7 @@ def make_trace_row(row: dict, style: str, teacher: str, sample_index: int, conte
         "teacher_answer": teacher_answer,
         "correct": correct,
         "sample_index": sample_index,
+        "finish_reason": finish_reason,
+        "reject_reason": reject,
     }
     return trace, dropped

@@ -50,16 +50,25 @@ def select_traces(traces: list[dict], keep: str) -> list[dict]:
     return list(traces) if keep == "all" else [t for t in traces if t["correct"]]
 
 
-def _clean_records(rows: list[dict], records: list[dict], k: int, style: str, teacher: str,
-                   reasoning_source: str) -> tuple[list[dict], Counter]:
+def _clean_records(
+    rows: list[dict], records: list[dict], k: int, style: str, teacher: str, reasoning_source: str
+) -> tuple[list[dict], Counter]:
     from mathpt.teachers.cleaning import make_trace_row
 
     traces, dropped = [], Counter()
     for j, row in enumerate(rows):
         for i in range(k):
             rec = records[j * k + i]
-            trace, d = make_trace_row(row, style, teacher, i, rec["content"], rec.get("reasoning_content"),
-                                      reasoning_source)
+            trace, d = make_trace_row(
+                row,
+                style,
+                teacher,
+                i,
+                rec["content"],
+                rec.get("reasoning_content"),
+                reasoning_source,
+                rec.get("finish_reason") or "unknown",
+            )
             traces.append(trace)
             dropped.update(d)
     return traces, dropped
@@ -77,11 +86,14 @@ def _check_keys(teacher_cfg: dict) -> None:
     known |= {f.name for f in fields(APITeacherSettings)} | {f.name for f in fields(LocalTeacherSettings)}
     unknown = sorted(set(teacher_cfg) - known)
     if unknown:
-        raise MathptError(f"config key 'teacher.{unknown[0]}': unknown teacher setting (known: {sorted(known)})")
+        raise MathptError(
+            f"config key 'teacher.{unknown[0]}': unknown teacher setting (known: {sorted(known)})"
+        )
 
 
-def generate_traces(teacher_cfg: dict, rows: list[dict], style: str, out_path: str | os.PathLike,
-                    work_dir: str | os.PathLike) -> dict:
+def generate_traces(
+    teacher_cfg: dict, rows: list[dict], style: str, out_path: str | os.PathLike, work_dir: str | os.PathLike
+) -> dict:
     """Write the trace rows and their summary; return the summary dict."""
     from mathpt.prompts import check_style
 
@@ -112,10 +124,12 @@ def generate_traces(teacher_cfg: dict, rows: list[dict], style: str, out_path: s
 
         s = APITeacherSettings.from_config(teacher_cfg)
         k, teacher = s.samples_per_prompt, f"api:{s.model}"
-        records, accounting = run_api_teacher(s, [(r["id"], r["question"]) for r in rows],
-                                              work_dir / "api_cache.jsonl")
-        traces, dropped = _clean_records(rows, records, k, style, teacher,
-                                         teacher_cfg.get("reasoning_source", "content"))
+        records, accounting = run_api_teacher(
+            s, [(r["id"], r["question"]) for r in rows], work_dir / "api_cache.jsonl"
+        )
+        traces, dropped = _clean_records(
+            rows, records, k, style, teacher, teacher_cfg.get("reasoning_source", "content")
+        )
     else:
         from mathpt.teachers.local import LocalTeacherSettings, run_local_teacher
 
@@ -136,6 +150,10 @@ def generate_traces(teacher_cfg: dict, rows: list[dict], style: str, out_path: s
         "accuracy": n_correct / len(traces) if traces else None,
         "prompts_with_a_correct_trace": len({t["id"] for t in traces if t["correct"]}),
         "n_no_answer": sum(t["teacher_answer"] is None for t in traces),
+        # Truncated (finish_reason "length") or empty completions: never correct (teachers.cleaning).
+        "n_truncated": sum(t["reject_reason"] == "truncated" for t in traces),
+        "n_empty": sum(t["reject_reason"] == "empty" for t in traces),
+        "finish_reasons": dict(Counter(t["finish_reason"] for t in traces)),
         "n_kept_if_keep_correct": n_correct,
         "dropped_lines": dict(dropped),
         "accounting": accounting,

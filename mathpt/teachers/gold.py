@@ -45,18 +45,28 @@ def gold_trace(row: dict, style: str, unformatted: bool = False) -> dict:
         "teacher_answer": row["answer"],
         "correct": True,
         "sample_index": 0,
+        "finish_reason": "stop",  # the same keys as a sampled teacher's rows (mathpt.teachers.cleaning)
+        "reject_reason": None,
     }
     if unformatted:
-        trace.update(response=f"{row['solution']}\nThe final answer is {row['answer']}.",
-                     teacher_answer=None, correct=False)
+        trace.update(
+            response=f"{row['solution']}\nThe final answer is {row['answer']}.",
+            teacher_answer=None,
+            correct=False,
+        )
     return trace
 
 
 def gold_traces(rows: Iterable[dict], style: str, unformatted_fraction: float = 0.0) -> list[dict]:
     """Trace rows for every data row, in order; ``unformatted_fraction`` of them without the format."""
     check_style(style)
-    if isinstance(unformatted_fraction, bool) or not isinstance(unformatted_fraction, int | float) \
-            or not 0.0 <= unformatted_fraction <= 1.0:
-        raise MathptError(f"config key 'teacher.unformatted_fraction': must be a number in [0, 1], "
-                          f"got {unformatted_fraction!r}")
+    if (
+        isinstance(unformatted_fraction, bool)
+        or not isinstance(unformatted_fraction, int | float)
+        or not 0.0 <= unformatted_fraction <= 1.0
+    ):
+        raise MathptError(
+            f"config key 'teacher.unformatted_fraction': must be a number in [0, 1], "
+            f"got {unformatted_fraction!r}"
+        )
     return [gold_trace(row, style, _unit_hash(row.get("id", "")) < unformatted_fraction) for row in rows]

@@ -46,20 +46,25 @@ def load_policy(cfg: dict, init_dir: str) -> tuple[torch.nn.Module, object, str]
 
 def wandb_kwargs(wandb_cfg: dict | None) -> dict:
     """RunLogger's W&B arguments from the config's ``wandb`` block (disabled when absent)."""
-    w = wandb_cfg or {"mode": "disabled"}
-    return {"wandb_mode": w.get("mode", "offline"), "project": w.get("project", "mathpt")}
+    w = wandb_cfg or {"mode": "disabled", "project": "mathpt"}
+    return {"wandb_mode": w["mode"], "project": w["project"]}
 
 
 def client_kwargs(cfg: dict, model_path: str, worker_device: str) -> dict:
     """InferenceClient arguments for the trainer's worker, from the ``runtime`` block."""
+    from mathpt.config import engine_kwargs
+
     rt = cfg["runtime"]
-    kwargs = {}  # vLLM-only settings; the hf engine takes none of them
-    if rt["engine"] == "vllm":
-        kwargs = {"max_model_len": rt.get("max_model_len", 2048),
-                  "gpu_memory_utilization": rt.get("gpu_memory_utilization", 0.5)}
-    return {"engine": rt["engine"], "model_path": model_path, "device": worker_device,
-            "handoff": rt.get("handoff", "auto"), "engine_kwargs": kwargs,
-            "heartbeat_timeout_s": rt.get("heartbeat_timeout_s", 120)}
+    return {
+        "engine": rt["engine"],
+        "model_path": model_path,
+        "device": worker_device,
+        "handoff": rt["handoff"],
+        "engine_kwargs": engine_kwargs(rt, rt["engine"]),
+        "heartbeat_timeout_s": rt["heartbeat_timeout_s"],
+        "job_timeout_s": rt["job_timeout_s"],
+        "handoff_timeout_s": rt["handoff_timeout_s"],
+    }
 
 
 def set_seed(seed: int) -> None:
@@ -68,12 +73,19 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def lr_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1):
-    """Linear warm-up, then cosine decay to ``min_ratio`` of the peak learning rate."""
+def lr_schedule(
+    optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1, decay: str = "cosine"
+):
+    """Linear warm-up (step 0 runs at lr / warmup_steps), then cosine decay to ``min_ratio`` of the
+    peak learning rate, or ``decay="constant"``: the peak from the end of the warm-up on."""
+    if decay not in ("cosine", "constant"):
+        raise ValueError(f"lr decay {decay!r}: expected 'cosine' or 'constant'")
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
+        if decay == "constant":
+            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -82,12 +94,21 @@ def lr_schedule(optimizer, warmup_steps: int, total_steps: int, min_ratio: float
 
 # ---- resumable state (kept outside Snakemake's declared outputs) ----
 
-def save_state(state_dir: str | os.PathLike, model, optimizer, scheduler, step: int, extra: dict | None = None) -> None:
+
+def save_state(
+    state_dir: str | os.PathLike, model, optimizer, scheduler, step: int, extra: dict | None = None
+) -> None:
     """Save everything needed to resume after ``step`` optimizer steps, atomically."""
     with atomic_dir(state_dir) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                    "torch_rng": torch.get_rng_state()}, tmp / "state.pt")
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "torch_rng": torch.get_rng_state(),
+            },
+            tmp / "state.pt",
+        )
         atomic_write_json(tmp / "state.json", {"step": step, **(extra or {})})
     log.info("saved resumable state at step %d to %s", step, state_dir)
 
@@ -114,6 +135,7 @@ def clear_state(state_dir: str | os.PathLike) -> None:
 
 # ---- validation on the val split through the inference worker ----
 
+
 def load_prompts(path: str | os.PathLike) -> list[dict]:
     return read_jsonl(path, required_keys=("id", "prompt", "answer"))
 
@@ -139,9 +161,15 @@ def score(generations: list[Generation], answers: list[str], reward_fn) -> dict:
 def eval_metrics(result, answers: list[str], reward_fn) -> dict:
     """Validation metrics of a finished eval job, keyed for logging at the step it was taken at."""
     m = score(result.generations, answers, reward_fn)
-    return {"accuracy": m["answer_reward"], "format_rate": m["format_reward"], "reward": m["reward"],
-            "response_length_mean": m["response_length_mean"], "truncated_fraction": m["truncated_fraction"],
-            "weight_version": result.weight_version, "generation_s": result.elapsed_s}
+    return {
+        "accuracy": m["answer_reward"],
+        "format_rate": m["format_reward"],
+        "reward": m["reward"],
+        "response_length_mean": m["response_length_mean"],
+        "truncated_fraction": m["truncated_fraction"],
+        "weight_version": result.weight_version,
+        "generation_s": result.elapsed_s,
+    }
 
 
 class EvalTracker:
@@ -166,8 +194,12 @@ class EvalTracker:
         """Hand the current weights to the worker as version ``step`` and queue a val eval on them."""
         # the worker starts from the init checkpoint, which is version 0
         handoff_s = self.client.push_weights(model, version=step) if step > 0 else 0.0
-        self.pending.add(self.client.submit("eval", self.prompts, self.params, step=step))
+        self.request(step)
         return handoff_s
+
+    def request(self, step: int) -> None:
+        """Queue a val eval of the weights last handed to the worker (those of ``step``)."""
+        self.pending.add(self.client.submit("eval", self.prompts, self.params, step=step))
 
     def handle(self, results) -> None:
         for r in results:
@@ -181,17 +213,24 @@ class EvalTracker:
                 self.logger.log_eval({"failed": 1.0}, step=r.step)
                 continue
             if r.weight_version in self.logged_versions:
-                log.info("validation asked at step %d ran on weights v%d, already evaluated", r.step,
-                         r.weight_version)
+                log.info(
+                    "validation asked at step %d ran on weights v%d, already evaluated",
+                    r.step,
+                    r.weight_version,
+                )
                 continue
             self.logged_versions.add(r.weight_version)
             m = eval_metrics(r, self.answers, self.reward_fn)
-            log.info("validation of the weights of step %d (asked at step %d): accuracy %.4f",
-                     r.weight_version, r.step, m["accuracy"])
+            log.info(
+                "validation of the weights of step %d (asked at step %d): accuracy %.4f",
+                r.weight_version,
+                r.step,
+                m["accuracy"],
+            )
             self.logger.log_eval(m, step=r.weight_version)
 
     def drain(self) -> None:
-        self.handle(self.client.poll())
+        self.handle(self.client.poll(kind="eval"))  # rollouts stay with whoever waits for them
 
     def finish(self) -> None:
         for job_id in sorted(self.pending):

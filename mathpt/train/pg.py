@@ -2,14 +2,32 @@
 
 Each step: the inference worker samples ``group_size`` responses for each of
 ``rollout_batch_size / group_size`` train prompts; rewards become group-normalized advantages;
-``pg_update`` takes one or more optimizer steps on the batch (GRPO-clip's old log-probs are
-captured from the generating weights before any update on it); the new weights go to the worker.
+``pg_update`` takes one or more optimizer steps on the batch; the new weights go to the worker.
 With ``staleness: 1`` batch k+1 is generated with weights k while the trainer learns on batch k.
+
+The behaviour policy pi_old (GRPO-clip's ratio denominator, and the reference of the off-policy
+metrics every variant logs) is the trainer's own forward pass under **the weights that generated
+the batch** (``JobResult.weight_version``). With ``staleness: 1`` the trainer already holds newer
+weights when the batch arrives, so it keeps one copy of the previous version (``Behaviour``) and
+scores the batch with it before updating; the first minibatch's ratio is then pi_theta/pi_old of
+the version lag, not 1. Why not the sampler's own log-probs, which the engines return for free:
+they come from different kernels (vLLM's bf16 attention and sampler, or transformers' ``generate``
+with a KV cache) and differ from the trainer's numbers on identical weights (measured in
+``bench/bench_logprob_gap.py``; issue-14 note). A ratio against them would mix that numerical noise
+into every clip decision and would not be 1 even for an on-policy batch. Keeping the weights costs
+one model copy (3 GB for a 1.5B bf16 model) and one no-grad forward per batch, which GRPO-clip
+paid before anyway. The numerical mismatch itself is what the optional truncated
+importance-sampling correction (``off_policy_correction: tis``) addresses, for every variant:
+each token's loss is weighted by min(pi_old / pi_sampler, ``tis_cap``), detached.
+
+Sampling noise: every (run seed, step, prompt, sample) has its own seed (``sample_seeds``), so the
+samples of a group are independent and a rerun draws the same ones.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 
@@ -23,7 +41,7 @@ from mathpt.io import MathptError
 from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
-from mathpt.runtime import InferenceClient
+from mathpt.runtime import InferenceClient, RolloutPipeline
 from mathpt.tracking import RunLogger
 from mathpt.train.common import (
     EvalTracker,
@@ -32,20 +50,36 @@ from mathpt.train.common import (
     load_policy,
     load_prompts,
     load_state,
+    lr_schedule,
     save_final_checkpoint,
     save_state,
     score,
     val_params,
     wandb_kwargs,
 )
-from mathpt.train.steps import pg_update
+from mathpt.train.steps import compute_old_log_probs, pg_update
 
 log = logging.getLogger("mathpt.train.pg")
 
 
+def sample_seeds(run_seed: int, step: int, n_prompts: int, group_size: int) -> tuple[int, ...]:
+    """One 63-bit sampling seed per (prompt, sample) of step ``step``'s rollout batch, prompt-major.
+
+    Hashed from (run seed, step, prompt index, sample index) by numpy's SeedSequence, so no two
+    samples share a noise stream (within a group, across prompts, or shifted by one across steps,
+    which vLLM's seed + child index gave) and a rerun or resume draws exactly the same samples.
+    """
+    return tuple(
+        int(np.random.SeedSequence([run_seed, step, i, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+        for i in range(n_prompts)
+        for j in range(group_size)
+    )
+
+
 def rollout_batch(generations: list[Generation], pad_id: int) -> dict[str, torch.Tensor]:
     """input_ids / labels / response_mask (B, T) from the engine's own token ids (no re-tokenizing,
-    so the trainer scores exactly the tokens that were sampled)."""
+    so the trainer scores exactly the tokens that were sampled), and ``sampler_log_probs`` (B, T)
+    aligned with labels when the engine returned its log-probs."""
     seqs, starts = [], []
     for g in generations:
         if not g.prompt_token_ids:
@@ -56,22 +90,124 @@ def rollout_batch(generations: list[Generation], pad_id: int) -> dict[str, torch
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.bool)
+    with_lp = all(g.logprobs is not None and len(g.logprobs) == len(g.token_ids) for g in generations)
+    sampler = torch.zeros((len(seqs), width), dtype=torch.float32)
     for i, (s, p) in enumerate(zip(seqs, starts, strict=True)):
         t = torch.tensor(s, dtype=torch.long)
         input_ids[i, : len(s) - 1] = t[:-1]
         labels[i, : len(s) - 1] = t[1:]
         mask[i, p - 1 : len(s) - 1] = True
-    return {"input_ids": input_ids, "labels": labels, "response_mask": mask}
+        if with_lp and generations[i].logprobs:
+            sampler[i, p - 1 : len(s) - 1] = torch.tensor(generations[i].logprobs, dtype=torch.float32)
+    out = {"input_ids": input_ids, "labels": labels, "response_mask": mask}
+    if with_lp:
+        out["sampler_log_probs"] = sampler
+    return out
 
 
-def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_path: str, out_dir: str,
-             run_dir: str, state_dir: str, wandb_cfg: dict | None = None, group: str = "mathpt",
-              log_config: dict | None = None) -> dict:
+class Behaviour:
+    """The weights that generated a rollout batch, for its old log-probs.
+
+    With staleness 0 they are the trainer's current weights. With staleness 1 a batch may come from
+    the version before, so a copy of the model is kept one version behind: ``advance`` (called
+    before each update) copies the current weights into it.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, version: int, keep_copy: bool, init_dir: str, dtype: torch.dtype
+    ):
+        from mathpt.models import load_model
+
+        self.model, self.version = model, version
+        self.copy = None
+        if keep_copy:  # a fresh instance: the trainer's layers may be compiled in place
+            self.copy = load_model(init_dir, dtype=dtype, device=next(model.parameters()).device)
+            self.copy.load_state_dict(model.state_dict())
+            self.copy.eval().requires_grad_(False)
+        self.copy_version = version
+
+    def log_probs(
+        self, batch: dict[str, torch.Tensor], weight_version: int, microbatch_size: int
+    ) -> torch.Tensor:
+        """Trainer log-probs (B, T) of the batch's labels under the weights of ``weight_version``."""
+        if weight_version == self.version:
+            net = self.model
+        elif self.copy is not None and weight_version == self.copy_version:
+            net = self.copy
+        else:
+            kept = [self.version] + ([self.copy_version] if self.copy is not None else [])
+            raise MathptError(f"rollouts came from weights v{weight_version}; the trainer keeps only {kept}")
+        return compute_old_log_probs(net, batch, microbatch_size, autocast_dtype=None)
+
+    def advance(self, version: int) -> None:
+        """The trainer's weights are about to move on from ``self.version`` to ``version``."""
+        if self.copy is not None:
+            with torch.no_grad():
+                self.copy.load_state_dict(self.model.state_dict())
+            self.copy_version = self.version
+        self.version = version
+
+
+def optimizer_steps_per_batch(pg: dict) -> int:
+    minibatch = pg.get("minibatch_size") or pg["rollout_batch_size"]  # absent: the whole batch
+    return pg["epochs_per_batch"] * math.ceil(pg["rollout_batch_size"] / minibatch)
+
+
+def pg_update_kwargs(pg: dict, seed: int, step: int) -> dict:
+    """The arguments ``train_pg`` gives ``pg_update`` (one place, so tests make the same call)."""
+    return {
+        "loss_type": pg["loss_type"],
+        "cliprange": pg.get("cliprange", 0.2),
+        "epochs": pg["epochs_per_batch"],
+        "minibatch_size": pg.get("minibatch_size"),
+        "microbatch_size": pg.get("microbatch_size"),  # absent: whole
+        "max_grad_norm": pg["max_grad_norm"],
+        "loss_aggregation": pg["loss_aggregation"],
+        "autocast_dtype": None,
+        # sum_norm's constant (Dr. GRPO: the generation budget); token_mean always divides by the
+        # minibatch's response tokens, seq_mean by each response's length
+        "normalize_constant": float(pg["max_new_tokens"]),
+        "off_policy_correction": pg["off_policy_correction"],
+        "tis_cap": pg["tis_cap"],
+        "seed": seed * 1_000_003 + step,
+    }
+
+
+# per-minibatch metrics logged as mb{i}/<key> (i = 0 is the first optimizer step on the batch)
+MINIBATCH_KEYS = (
+    "clip_fraction",
+    "logp_gap_mean",
+    "logp_gap_max",
+    "kl_k3",
+    "ratio_mean",
+    "ratio_min",
+    "ratio_max",
+    "grad_norm",
+    "lr",
+)
+
+
+def train_pg(
+    cfg: dict,
+    *,
+    init_dir: str,
+    train_prompts_path: str,
+    val_prompts_path: str,
+    out_dir: str,
+    run_dir: str,
+    state_dir: str,
+    wandb_cfg: dict | None = None,
+    group: str = "mathpt",
+    log_config: dict | None = None,
+) -> dict:
     """Train one PG variant (``cfg['pg']['loss_type']``) from ``init_dir``; write an HF checkpoint."""
     pg, seed, style = cfg["pg"], cfg["seed"], cfg["prompt_style"]
     model, tokenizer, worker_device = load_policy(cfg, init_dir)
     optimizer = make_optimizer(model, pg)  # fp32 master weights when the model is bf16
-    resumed = load_state(state_dir, model, optimizer, None)
+    scheduler = lr_schedule(
+        optimizer, pg["warmup_steps"], pg["n_steps"] * optimizer_steps_per_batch(pg), decay=pg["lr_decay"]
+    )  # stepped once per optimizer step
+    resumed = load_state(state_dir, model, optimizer, scheduler)
     start = resumed["step"] if resumed else 0
 
     prompts = load_prompts(train_prompts_path)
@@ -79,91 +215,112 @@ def train_pg(cfg: dict, *, init_dir: str, train_prompts_path: str, val_prompts_p
     n_prompts = pg["rollout_batch_size"] // group_size
     reward_fn = get_reward_fn(style)
     stop = stop_strings(style)
-    staleness = pg.get("staleness", 0)
+    staleness = pg["staleness"]
 
     def batch_rows(step: int) -> list[dict]:
         rng = np.random.default_rng([seed, step])  # the same prompts for a step across reruns/resumes
-        return [prompts[i] for i in rng.choice(len(prompts), size=n_prompts, replace=len(prompts) < n_prompts)]
+        return [
+            prompts[i] for i in rng.choice(len(prompts), size=n_prompts, replace=len(prompts) < n_prompts)
+        ]
 
     def sampling(step: int) -> SamplingConfig:
-        return SamplingConfig(max_new_tokens=pg["max_new_tokens"], temperature=pg.get("temperature", 1.0),
-                              n=group_size, stop=tuple(stop), seed=seed * 1_000_003 + step)
+        return SamplingConfig(
+            max_new_tokens=pg["max_new_tokens"],
+            temperature=pg["temperature"],
+            n=group_size,
+            stop=tuple(stop),
+            seeds=sample_seeds(seed, step, n_prompts, group_size),
+        )
 
     name = os.path.basename(os.path.normpath(out_dir))
-    logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, fresh=start == 0,
-                       resume_step=start or None, **wandb_kwargs(wandb_cfg))
+    logger = RunLogger(
+        run_dir,
+        name=name,
+        group=group,
+        config=log_config or cfg,
+        fresh=start == 0,
+        resume_step=start or None,
+        **wandb_kwargs(wandb_cfg),
+    )
     val = load_prompts(val_prompts_path)
     with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
-        evals = EvalTracker(client, val, reward_fn, val_params(pg.get("val_max_new_tokens", 256), stop), logger)
-        rollouts: dict[int, tuple[int, list[dict]]] = {}
-
-        def submit_rollout(step: int) -> None:
-            rows = batch_rows(step)
-            rollouts[step] = (client.submit("rollout", [r["prompt"] for r in rows], sampling(step), step=step), rows)
-
+        evals = EvalTracker(client, val, reward_fn, val_params(pg["val_max_new_tokens"], stop), logger)
+        rollouts = RolloutPipeline(
+            client,
+            sampling,
+            lambda s: ([r["prompt"] for r in batch_rows(s)], {"step": s}),
+            max_staleness=staleness,
+            n_steps=pg["n_steps"],
+        )
         if start > 0:  # resumed: the worker loaded the init checkpoint (version 0)
             client.push_weights(model, version=start)
-        if start == 0:
-            evals.pending.add(client.submit("eval", evals.prompts, evals.params, step=0))
-        submit_rollout(start)
+        else:
+            evals.request(0)
+        behaviour = Behaviour(model, start, staleness >= 1, init_dir, next(model.parameters()).dtype)
         bar = tqdm(range(start, pg["n_steps"]), desc=f"pg {name}", initial=start, total=pg["n_steps"])
         for step in bar:
             t_step = time.perf_counter()
-            if staleness >= 1 and step + 1 < pg["n_steps"]:
-                submit_rollout(step + 1)  # generated with the current weights while we learn on this batch
-            job_id, rows = rollouts.pop(step)
-            t_wait = time.perf_counter()
-            result = evals.stash.pop(job_id, None) or client.wait(job_id)
-            idle_s = time.perf_counter() - t_wait
-            if result.error:
-                raise MathptError(f"rollout generation for step {step} failed: {result.error}")
-            if step - result.weight_version > staleness:
-                raise MathptError(f"rollouts for step {step} came from weights v{result.weight_version}, "
-                                  f"staler than the configured bound ({staleness})")
+            result = rollouts.get(step)  # with staleness 1 this also queues step + 1 on the current weights
+            idle_s = rollouts.last_wait_s
             evals.drain()
 
+            rows = batch_rows(step)
             gens = result.generations
             answers = [r["answer"] for r in rows for _ in range(group_size)]
             advantages, raw_rewards, reward_meta = compute_group_normalized_rewards(
-                reward_fn, [g.text for g in gens], answers, group_size,
-                pg.get("advantage_eps", 1e-6), pg.get("normalize_by_std", True))
+                reward_fn,
+                [g.text for g in gens],
+                answers,
+                group_size,
+                pg["advantage_eps"],
+                pg["normalize_by_std"],
+            )
             batch = rollout_batch(gens, tokenizer.pad_token_id)
             raw_rewards = torch.as_tensor(raw_rewards, dtype=torch.float32).flatten()
             batch["raw_rewards"] = raw_rewards
             batch["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).flatten()
             t_train = time.perf_counter()
-            metrics = pg_update(
-                model, optimizer, batch, loss_type=pg["loss_type"], cliprange=pg.get("cliprange", 0.2),
-                epochs=pg.get("epochs_per_batch", 1), minibatch_size=pg.get("minibatch_size", len(gens)),
-                microbatch_size=pg.get("microbatch_size", len(gens)), max_grad_norm=pg.get("max_grad_norm"),
-                loss_aggregation=pg.get("loss_aggregation", "seq_mean"), autocast_dtype=None,
-                normalize_constant=pg["max_new_tokens"], seed=seed * 1_000_003 + step)
-            metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-            train_s = time.perf_counter() - t_train
+            micro = pg.get("microbatch_size") or pg.get("minibatch_size") or len(gens)
+            batch["old_log_probs"] = behaviour.log_probs(batch, result.weight_version, micro)
             done = step + 1
+            behaviour.advance(done)
+            out = pg_update(model, optimizer, batch, scheduler=scheduler, **pg_update_kwargs(pg, seed, step))
+            metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
+            for i, mb in enumerate(out["per_step"]):
+                metrics.update({f"mb{i}/{k}": mb[k] for k in MINIBATCH_KEYS})
+            train_s = time.perf_counter() - t_train
             handoff_s = client.push_weights(model, version=done)
-            if staleness == 0 and done < pg["n_steps"]:
-                submit_rollout(done)
             step_s = time.perf_counter() - t_step
             rollout_stats = score(gens, answers, reward_fn)
-            metrics.update({
-                "reward_mean": rollout_stats["reward"], "reward_std": float(raw_rewards.std(unbiased=False)),
-                "format_reward": rollout_stats["format_reward"], "answer_reward": rollout_stats["answer_reward"],
-                "response_length_mean": rollout_stats["response_length_mean"],
-                "response_length_max": rollout_stats["response_length_max"],
-                "truncated_fraction": rollout_stats["truncated_fraction"],
-                "lr": optimizer.param_groups[0]["lr"], "generation_s": result.elapsed_s,
-                "handoff_s": handoff_s, "trainer_idle_s": idle_s, "trainer_idle_fraction": idle_s / step_s,
-                "train_time_s": train_s, "step_time_s": step_s, "rollout_weight_version": result.weight_version,
-                "tokens_per_s": int(batch["response_mask"].sum()) / max(train_s, 1e-9),
-            })
-            metrics.update({f"reward_meta/{k}": v for k, v in reward_meta.items() if isinstance(v, (int, float))})
+            metrics.update(
+                {
+                    "reward_mean": rollout_stats["reward"],
+                    "reward_std": float(raw_rewards.std(unbiased=False)),
+                    "format_reward": rollout_stats["format_reward"],
+                    "answer_reward": rollout_stats["answer_reward"],
+                    "response_length_mean": rollout_stats["response_length_mean"],
+                    "response_length_max": rollout_stats["response_length_max"],
+                    "truncated_fraction": rollout_stats["truncated_fraction"],
+                    "lr": out["per_step"][0]["lr"],
+                    "generation_s": result.elapsed_s,
+                    "handoff_s": handoff_s,
+                    "trainer_idle_s": idle_s,
+                    "trainer_idle_fraction": idle_s / step_s,
+                    "train_time_s": train_s,
+                    "step_time_s": step_s,
+                    "rollout_weight_version": result.weight_version,
+                    "tokens_per_s": int(batch["response_mask"].sum()) / max(train_s, 1e-9),
+                }
+            )
+            metrics.update(
+                {f"reward_meta/{k}": v for k, v in reward_meta.items() if isinstance(v, (int, float))}
+            )
             logger.log(metrics, step=done)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-            if done % pg.get("eval_every", 20) == 0 or done == pg["n_steps"]:
-                evals.pending.add(client.submit("eval", evals.prompts, evals.params, step=done))
-            if done % pg.get("checkpoint_every", 20) == 0 and done < pg["n_steps"]:
-                save_state(state_dir, model, optimizer, None, done)
+            if done % pg["eval_every"] == 0 or done == pg["n_steps"]:
+                evals.request(done)
+            if done % pg["checkpoint_every"] == 0 and done < pg["n_steps"]:
+                save_state(state_dir, model, optimizer, scheduler, done)
         evals.finish()
     save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, train_prompts_path])
     clear_state(state_dir)

@@ -1,9 +1,13 @@
 """Supervised fine-tuning on teacher traces, with periodic validation through the inference worker.
 
-The loop is short on purpose: microbatches come from the tokenized shards, ``sft_update`` does the
-math (mathpt.functional), and validation runs in the worker process on the latest weights while
-the trainer keeps stepping; eval results are drained without blocking and logged at the step
-their weights came from.
+The loop is short on purpose: each epoch visits the tokenized examples in an order drawn from
+(run seed, epoch), so training seeds differ in data order as well as in initialization noise;
+an optimizer step takes the next ``microbatch_size x microbatches_per_step`` examples and cuts them
+into microbatches by a token budget (packed into padding-free rows by default, see
+``mathpt.train.packing``); ``sft_update`` does the math (the loss is the mean NLL per response
+token of the step, so the cut does not change the gradient). Validation runs in the worker process
+on the latest weights while the trainer keeps stepping; eval results are drained without blocking
+and logged at the step their weights came from.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import math
 import os
 import time
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -20,7 +25,7 @@ from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient
-from mathpt.shards import iter_sft_shards
+from mathpt.shards import load_sft_examples, read_index
 from mathpt.tracking import RunLogger
 from mathpt.train.common import (
     EvalTracker,
@@ -35,42 +40,87 @@ from mathpt.train.common import (
     val_params,
     wandb_kwargs,
 )
-from mathpt.train.steps import sft_update
+from mathpt.train.packing import row_lengths
+from mathpt.train.steps import sft_update, token_budget_microbatches
 
 log = logging.getLogger("mathpt.train.sft")
 
 
-def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: str, out_dir: str,
-              run_dir: str, state_dir: str, wandb_cfg: dict | None = None, group: str = "mathpt",
-              log_config: dict | None = None) -> dict:
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The order in which epoch ``epoch`` of run ``seed`` visits the ``n`` examples: a permutation
+    drawn from the seed sequence (seed, epoch), the same on every rerun and resume."""
+    return torch.from_numpy(np.random.default_rng([seed, epoch]).permutation(n))
+
+
+def step_microbatches(
+    examples: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    microbatch_size: int,
+    microbatch_tokens: int | None,
+    packing: bool,
+) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The microbatches of one optimizer step over ``rows`` of ``examples``, and its real tokens.
+
+    ``microbatch_tokens`` None: ``microbatch_size`` rows at a time in the given order. Otherwise
+    rows are grouped longest first under a budget of ``microbatch_tokens`` tokens: real tokens when
+    ``packing`` (each microbatch then runs as one padding-free row), rows x longest row when not.
+    """
+    lengths = row_lengths(examples["response_mask"][rows])
+    if microbatch_tokens is None:
+        groups = [
+            torch.arange(s, min(s + microbatch_size, len(rows))) for s in range(0, len(rows), microbatch_size)
+        ]
+    else:
+        groups = token_budget_microbatches(lengths, microbatch_tokens, packed=packing)
+    return [{k: v[rows[g]] for k, v in examples.items()} for g in groups], int(lengths.sum())
+
+
+def train_sft(
+    cfg: dict,
+    *,
+    init_dir: str,
+    shards_dir: str,
+    val_prompts_path: str,
+    out_dir: str,
+    run_dir: str,
+    state_dir: str,
+    wandb_cfg: dict | None = None,
+    group: str = "mathpt",
+    log_config: dict | None = None,
+) -> dict:
     """Train ``cfg['sft']`` from ``init_dir`` on the shards; write an HF checkpoint to ``out_dir``."""
     sft, seed = cfg["sft"], cfg["seed"]
     model, tokenizer, worker_device = load_policy(cfg, init_dir)
 
-    microbatches = list(iter_sft_shards(shards_dir))
-    per_step = sft.get("microbatches_per_step", 1)
-    steps_per_epoch = math.ceil(len(microbatches) / per_step)
+    examples = load_sft_examples(shards_dir)
+    n_examples = examples["input_ids"].shape[0]
+    micro = read_index(shards_dir, verify=False)["microbatch_size"]  # tokenize.microbatch_size
+    rows_per_step = micro * sft["microbatches_per_step"]
+    steps_per_epoch = math.ceil(n_examples / rows_per_step)
     total_steps = steps_per_epoch * sft["epochs"]
     optimizer = make_optimizer(model, sft)  # fp32 master weights when the model is bf16
-    scheduler = lr_schedule(optimizer, sft.get("warmup_steps", 0), total_steps)
+    scheduler = lr_schedule(optimizer, sft["warmup_steps"], total_steps)
     resumed = load_state(state_dir, model, optimizer, scheduler)
     start = resumed["step"] if resumed else 0
+    clipped_steps = resumed.get("clipped_steps", 0) if resumed else 0
 
     val = load_prompts(val_prompts_path)
     style = cfg["prompt_style"]
     reward_fn = get_reward_fn(style)
-    params = val_params(sft.get("val_max_new_tokens", 256), stop_strings(style))
-    eval_every = sft.get("eval_every", 100)
-
-    def order(epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(seed * 1000 + epoch)
-        return torch.randperm(len(microbatches), generator=g).tolist()
+    params = val_params(sft["val_max_new_tokens"], stop_strings(style))
+    eval_every = sft["eval_every"]
 
     name = os.path.basename(os.path.normpath(out_dir))
-    logger = RunLogger(run_dir, name=name, group=group, config=log_config or cfg, fresh=start == 0,
-                       resume_step=start or None, **wandb_kwargs(wandb_cfg))
+    logger = RunLogger(
+        run_dir,
+        name=name,
+        group=group,
+        config=log_config or cfg,
+        fresh=start == 0,
+        resume_step=start or None,
+        **wandb_kwargs(wandb_cfg),
+    )
     with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
-
         evals = EvalTracker(client, val, reward_fn, params, logger)
         if start == 0:
             evals.submit(model, step=0)
@@ -78,21 +128,39 @@ def train_sft(cfg: dict, *, init_dir: str, shards_dir: str, val_prompts_path: st
         for step in bar:
             evals.drain()
             epoch, i = divmod(step, steps_per_epoch)
-            idx = order(epoch)[i * per_step:(i + 1) * per_step]
+            rows = epoch_order(n_examples, seed, epoch)[i * rows_per_step : (i + 1) * rows_per_step]
+            mbs, real_tokens = step_microbatches(
+                examples, rows, micro, sft["microbatch_tokens"], sft["packing"]
+            )
             t0 = time.perf_counter()
-            metrics = sft_update(model, optimizer, [microbatches[j] for j in idx],
-                                 max_grad_norm=sft.get("max_grad_norm"), autocast_dtype=None)
+            metrics = sft_update(
+                model,
+                optimizer,
+                mbs,
+                max_grad_norm=sft["max_grad_norm"],
+                autocast_dtype=None,
+                packing=sft["packing"],
+            )
             scheduler.step()
             dt = time.perf_counter() - t0
-            metrics.update(lr=scheduler.get_last_lr()[0], epoch=epoch, step_time_s=dt,
-                           tokens_per_s=metrics.get("tokens", 0) / max(dt, 1e-9))
+            clipped_steps += int(metrics["grad_clipped"])
+            metrics.update(
+                lr=scheduler.get_last_lr()[0],
+                epoch=epoch,
+                step_time_s=dt,
+                tokens_per_s=metrics["tokens"] / max(dt, 1e-9),
+                microbatches=len(mbs),
+                real_tokens=real_tokens,
+                real_tokens_per_s=real_tokens / max(dt, 1e-9),
+                grad_clipped_fraction=clipped_steps / (step + 1),
+            )
             logger.log(metrics, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             done = step + 1
             if done % eval_every == 0 or done == total_steps:
                 evals.submit(model, step=done)
-            if done % sft.get("checkpoint_every", 100) == 0 and done < total_steps:
-                save_state(state_dir, model, optimizer, scheduler, done)
+            if done % sft["checkpoint_every"] == 0 and done < total_steps:
+                save_state(state_dir, model, optimizer, scheduler, done, {"clipped_steps": clipped_steps})
         evals.finish()
     save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, shards_dir])
     clear_state(state_dir)

@@ -1,10 +1,10 @@
 """One optimizer update of SFT or policy gradient: the inner loops the trainers call.
 
 ``sft_update`` takes microbatches of one batch and makes one optimizer step. ``pg_update`` takes one
-rollout batch and makes ``epochs`` x (batch / minibatch) optimizer steps on it; for GRPO-clip the
-old log-probs are those of the policy that generated the rollouts (given by the caller, e.g. from
-vLLM, or computed here once before the first step), so the ratio leaves 1 after the first step and
-clipping really acts. Forward/backward run under autocast (bf16 by default), log-probs and entropy
+rollout batch and makes ``epochs`` x (batch / minibatch) optimizer steps on it; the old log-probs
+are those of the behaviour policy, the weights that generated the rollouts (given by the caller,
+who keeps those weights when rollouts run ahead, see ``train/pg.py``; computed here once before the
+first step when the batch is on-policy), so GRPO-clip's ratio is pi_theta / pi_behaviour. Forward/backward run under autocast (bf16 by default), log-probs and entropy
 through the chunked head in ``mathpt.functional`` (no full fp32 logits).
 """
 
@@ -19,10 +19,14 @@ import torch
 from mathpt.functional import (
     LOSS_AGGREGATIONS,
     LOSS_TYPES,
+    OFF_POLICY_CORRECTIONS,
+    compute_tis_weights,
     get_response_log_probs,
     grpo_microbatch_train_step,
-    sft_microbatch_train_step,
+    masked_normalize,
+    policy_drift_sums,
 )
+from mathpt.train.packing import packed_response_log_probs
 
 BATCH_KEYS = ("input_ids", "labels", "response_mask")
 
@@ -53,7 +57,9 @@ def trim_padding(batch: dict[str, torch.Tensor], keys: Sequence[str]) -> dict[st
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
 
 
 def _clip(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None) -> float:
@@ -68,7 +74,25 @@ def _clip(model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_nor
     return float(torch.nn.utils.clip_grad_norm_(params, limit)) if params else 0.0
 
 
-def _forward(model, mb: dict[str, torch.Tensor], chunk_size: int | None) -> dict[str, torch.Tensor]:
+def grad_clipped(grad_norm: float, max_grad_norm: float | None) -> bool:
+    """Whether ``_clip`` rescaled the gradient: its pre-clip norm exceeded a positive ``max_grad_norm``."""
+    return bool(max_grad_norm and max_grad_norm > 0 and grad_norm > max_grad_norm)
+
+
+def _forward(
+    model, mb: dict[str, torch.Tensor], chunk_size: int | None, packed: bool = False
+) -> dict[str, torch.Tensor]:
+    """Log-probs and entropy (rows, T) of a microbatch; ``packed``: through one padding-free row
+    (``mathpt.train.packing``, right-padded rows only), same values."""
+    if packed and mb.get("attention_mask") is None:
+        return packed_response_log_probs(
+            model,
+            mb["input_ids"],
+            mb["labels"],
+            mb["response_mask"],
+            return_token_entropy=True,
+            chunk_size=chunk_size,
+        )
     return get_response_log_probs(
         model,
         mb["input_ids"],
@@ -83,51 +107,49 @@ def sft_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     microbatches: Sequence[dict[str, torch.Tensor]],
-    grad_accum: int | None = None,
     max_grad_norm: float | None = 1.0,
-    normalize_constant: float = 1.0,
     autocast_dtype: torch.dtype | None = torch.bfloat16,
     chunk_size: int | None = None,
     trim: bool = True,
+    packing: bool = False,
 ) -> dict[str, float]:
     """One optimizer step of SFT over ``microbatches`` (dicts of input_ids, labels, response_mask).
 
-    With ``grad_accum`` given, each microbatch loss is divided by it (CS336). By default each
-    microbatch is weighted by its share of rows, so the step follows the batch-mean loss exactly even
-    when microbatches differ in size (e.g. built by ``token_budget_microbatches``).
-    Returns loss (batch mean of the per-sequence loss), grad_norm (before clipping), entropy and
-    nll (per response token), tokens (response tokens).
+    The loss is the mean NLL per response token of the whole step: each microbatch's masked NLL
+    sum is divided by the response tokens of all microbatches, so the gradient does not depend on
+    how the step is cut (rows, token budget, packing) and a long response weighs by its tokens.
+    ``packing`` runs each microbatch as one padding-free row (same gradient, no padding computed).
+    Returns loss (= nll, per response token), grad_norm (before clipping), grad_clipped (1.0 when
+    the clip rescaled the step), entropy (per response token), tokens (response tokens).
     """
     device = _device(model)
-    total_rows = sum(int(mb["input_ids"].shape[0]) for mb in microbatches)
+    step_tokens = sum(int(mb["response_mask"].sum()) for mb in microbatches)
+    norm = float(max(step_tokens, 1))
     optimizer.zero_grad(set_to_none=True)
-    loss_sum = 0.0
-    tokens = torch.zeros((), device=device)
-    ent_sum = torch.zeros((), device=device)
-    nll_sum = torch.zeros((), device=device)
+    ent_sum = torch.zeros((), dtype=torch.float64, device=device)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=device)
     for mb in microbatches:
         mb = _to(mb, device)
         if trim:
             mb = trim_padding(mb, BATCH_KEYS + ("attention_mask",))
-        with _autocast(device, autocast_dtype):
-            out = _forward(model, mb, chunk_size)
-            ga = grad_accum or total_rows / mb["input_ids"].shape[0]
-            loss, _ = sft_microbatch_train_step(out["log_probs"], mb["response_mask"], ga, normalize_constant)
         mask = mb["response_mask"].bool()
-        loss_sum += float(loss)
-        tokens += mask.sum()
+        with _autocast(device, autocast_dtype):
+            out = _forward(model, mb, chunk_size, packed=packing)
+            nll = masked_normalize(-out["log_probs"], mask, norm)
+        nll.backward()
+        nll_sum += nll.detach() * norm
         ent_sum += torch.where(mask, out["token_entropy"].detach(), 0.0).sum()
-        nll_sum += torch.where(mask, -out["log_probs"].detach(), 0.0).sum()
     grad_norm = _clip(model, optimizer, max_grad_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    n = max(float(tokens), 1.0)
+    nll_mean = float(nll_sum) / norm
     return {
-        "loss": loss_sum,
+        "loss": nll_mean,
+        "nll": nll_mean,
         "grad_norm": grad_norm,
-        "entropy": float(ent_sum) / n,
-        "nll": float(nll_sum) / n,
-        "tokens": float(tokens),
+        "grad_clipped": float(grad_clipped(grad_norm, max_grad_norm)),
+        "entropy": float(ent_sum) / norm,
+        "tokens": float(step_tokens),
     }
 
 
@@ -153,7 +175,11 @@ def compute_old_log_probs(
         mb = trim_padding(_to(mb, device), BATCH_KEYS + ("attention_mask",))
         with _autocast(device, autocast_dtype):
             lp = get_response_log_probs(
-                model, mb["input_ids"], mb["labels"], attention_mask=mb.get("attention_mask"), chunk_size=chunk_size
+                model,
+                mb["input_ids"],
+                mb["labels"],
+                attention_mask=mb.get("attention_mask"),
+                chunk_size=chunk_size,
             )["log_probs"]
         if out is None:  # fp32 normally; fp64 for fp64 models
             out = torch.zeros(labels.shape, dtype=lp.dtype)
@@ -169,9 +195,11 @@ def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
 
 
 def token_budget_microbatches(
-    lengths: torch.Tensor, max_tokens: int, max_rows: int | None = None
+    lengths: torch.Tensor, max_tokens: int, max_rows: int | None = None, packed: bool = False
 ) -> list[torch.Tensor]:
-    """Split rows into microbatches of at most ``max_tokens`` padded tokens (rows x longest row).
+    """Split rows into microbatches of at most ``max_tokens`` padded tokens (rows x longest row), or
+    with ``packed`` of at most ``max_tokens`` real tokens (the sum of lengths: a packed microbatch
+    computes no padding).
 
     Rows are taken longest first, so each microbatch holds rows of similar length: after trimming,
     little padding is left, and short rollouts share a microbatch instead of each costing a slot
@@ -180,13 +208,20 @@ def token_budget_microbatches(
     """
     order = torch.argsort(lengths, descending=True, stable=True).tolist()
     out: list[list[int]] = []
+    used = 0  # tokens of the current microbatch, as the budget counts them
     for i in order:
         cur = out[-1] if out else None
-        longest = int(lengths[cur[0]]) if cur else 0  # rows arrive longest first
-        if cur is not None and (len(cur) + 1) * max(longest, 1) <= max_tokens and (max_rows is None or len(cur) < max_rows):
+        n = max(int(lengths[i]), 1)
+        if packed:
+            cost = used + n
+        else:
+            cost = (len(cur) + 1) * max(int(lengths[cur[0]]), 1) if cur else n  # rows arrive longest first
+        if cur is not None and cost <= max_tokens and (max_rows is None or len(cur) < max_rows):
             cur.append(i)
+            used = cost
         else:
             out.append([i])
+            used = n
     return [torch.tensor(rows, dtype=torch.long) for rows in out]
 
 
@@ -195,6 +230,36 @@ def _minibatches(n: int, size: int, epochs: int, generator: torch.Generator | No
         order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
         for s in range(0, n, size):
             yield order[s : s + size]
+
+
+def _drift_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
+    """Per-token means of ``policy_drift_sums`` added up over microbatches."""
+    tk = max(sums["tokens"], 1.0)
+    empty = sums["tokens"] == 0
+    return {
+        f"{prefix}logp_gap_mean": sums["abs_gap"] / tk,
+        f"{prefix}logp_gap_max": sums["abs_gap_max"],
+        f"{prefix}kl_k3": sums["k3"] / tk,
+        f"{prefix}clip_fraction": sums["clipped"] / tk,
+        f"{prefix}ratio_mean": 1.0 if empty else sums["ratio"] / tk,
+        f"{prefix}ratio_min": 1.0 if empty else sums["ratio_min"],
+        f"{prefix}ratio_max": 1.0 if empty else sums["ratio_max"],
+    }
+
+
+def _add_sums(acc: dict[str, float], new: dict[str, torch.Tensor]) -> None:
+    for k, v in new.items():
+        v = float(v)
+        if k.endswith("_max"):
+            acc[k] = max(acc.get(k, -math.inf), v)
+        elif k.endswith("_min"):
+            acc[k] = min(acc.get(k, math.inf), v)
+        else:
+            acc[k] = acc.get(k, 0.0) + v
+
+
+# metrics of one optimizer step that are reduced over steps by min / max instead of the mean
+_MIN_KEYS, _MAX_KEYS = ("ratio_min",), ("ratio_max", "logp_gap_max")
 
 
 def pg_update(
@@ -215,38 +280,89 @@ def pg_update(
     seed: int = 0,
     sort_by_length: bool = True,
     microbatch_tokens: int | None = None,
+    off_policy_correction: str = "none",
+    tis_cap: float = 2.0,
+    scheduler=None,
 ) -> dict:
     """Policy-gradient updates on one rollout batch; returns metrics (means over optimizer steps).
 
     ``rollout_batch``: tensors input_ids, labels, response_mask (B, T), raw_rewards, advantages (B,),
-    optionally old_log_probs (B, T) aligned with labels (e.g. vLLM's sampled log-probs) and
-    attention_mask. Makes ``epochs * ceil(B / minibatch_size)`` optimizer steps, each accumulating
-    gradients over microbatches of ``microbatch_size``. For ``grpo_clip`` without given old
-    log-probs they are computed here before the first step. Within a minibatch rows are grouped by
-    length (``sort_by_length``) so microbatches carry little padding; the gradient is unchanged.
-    With ``microbatch_tokens``, microbatches are cut by a padded-token budget instead of a row
-    count (``token_budget_microbatches``; ``microbatch_size`` then caps the rows), which keeps
-    every microbatch big enough to use the GPU well on rollouts of mixed lengths.
-    Metrics: loss, grad_norm, entropy, clip_fraction, ratio_mean/min/max, approx_kl, tokens,
-    optimizer_steps, and ``per_step`` (one dict per optimizer step).
+    optionally attention_mask, ``old_log_probs`` (B, T): the trainer's log-probs of the labels under
+    the behaviour policy (the weights that generated the batch; computed here with ``model`` as it
+    is now when absent, i.e. on-policy), and ``sampler_log_probs`` (B, T): the inference engine's own
+    log-probs of the sampled tokens. GRPO-clip's ratio is pi_theta / pi_old. With
+    ``off_policy_correction="tis"`` every variant's per-token loss is weighted by
+    min(pi_old / pi_sampler, ``tis_cap``) (``compute_tis_weights``).
+
+    Makes ``epochs * ceil(B / minibatch_size)`` optimizer steps (``scheduler.step()`` after each),
+    each accumulating gradients over microbatches of ``microbatch_size``, or cut by a padded-token
+    budget with ``microbatch_tokens`` (``token_budget_microbatches``; ``microbatch_size`` then caps
+    the rows). Within a minibatch rows are grouped by length (``sort_by_length``) so microbatches
+    carry little padding. The aggregation never depends on the microbatching: seq_mean and sum_norm
+    weight each microbatch by its share of rows; token_mean divides by the response tokens of the
+    whole minibatch (``normalize_constant`` is sum_norm's constant only; default T).
+
+    Metrics (every variant): loss, grad_norm, entropy, lr (of the step), tokens, and how far
+    pi_theta is from pi_old over the minibatch: logp_gap_mean/max, kl_k3, clip_fraction (tokens
+    GRPO-clip clips or would clip), ratio_mean/min/max; with sampler log-probs, sampler_logp_gap_mean/
+    max and sampler_kl_k3 (pi_old vs pi_sampler); with TIS, tis_weight_mean and tis_capped_fraction.
+    ``per_step`` holds one dict per optimizer step (the first minibatch first), ``optimizer_steps``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     if loss_aggregation not in LOSS_AGGREGATIONS:
-        raise ValueError(f"unknown loss_aggregation {loss_aggregation!r}; expected one of {LOSS_AGGREGATIONS}")
+        raise ValueError(
+            f"unknown loss_aggregation {loss_aggregation!r}; expected one of {LOSS_AGGREGATIONS}"
+        )
+    if off_policy_correction not in OFF_POLICY_CORRECTIONS:
+        raise ValueError(
+            f"unknown off_policy_correction {off_policy_correction!r}; "
+            f"expected one of {OFF_POLICY_CORRECTIONS}"
+        )
     device = _device(model)
     n = rollout_batch["input_ids"].shape[0]
     minibatch_size = minibatch_size or n
     microbatch_size = microbatch_size or minibatch_size
     if microbatch_tokens is None and minibatch_size % microbatch_size:
-        raise ValueError(f"minibatch_size {minibatch_size} is not a multiple of microbatch_size {microbatch_size}")
+        raise ValueError(
+            f"minibatch_size {minibatch_size} is not a multiple of microbatch_size {microbatch_size}"
+        )
     batch = dict(rollout_batch)
-    if loss_type == "grpo_clip" and batch.get("old_log_probs") is None:
-        batch["old_log_probs"] = compute_old_log_probs(model, batch, microbatch_size, autocast_dtype, chunk_size)
+    if batch.get("old_log_probs") is None:
+        batch["old_log_probs"] = compute_old_log_probs(
+            model, batch, microbatch_size, autocast_dtype, chunk_size
+        )
+    mask_all = batch["response_mask"].bool()
+    batch_metrics: dict[str, float] = {}
+    if batch.get("sampler_log_probs") is not None:
+        s = {
+            k: float(v)
+            for k, v in policy_drift_sums(
+                batch["sampler_log_probs"],
+                batch["old_log_probs"],
+                mask_all,
+                batch["advantages"][:, None],
+                cliprange,
+            ).items()
+        }
+        d = _drift_metrics(s)
+        batch_metrics = {f"sampler_{k}": d[k] for k in ("logp_gap_mean", "logp_gap_max", "kl_k3")}
+    elif off_policy_correction == "tis":
+        raise ValueError(
+            "off_policy_correction 'tis' needs the sampler's log-probs (rollout_batch['sampler_log_probs'])"
+        )
+    if off_policy_correction == "tis":
+        batch["tis_weights"] = compute_tis_weights(
+            batch["old_log_probs"], batch["sampler_log_probs"], tis_cap
+        )
+        w = batch["tis_weights"][mask_all].double()
+        batch_metrics["tis_weight_mean"] = float(w.mean()) if w.numel() else 1.0
+        batch_metrics["tis_capped_fraction"] = float((w >= tis_cap).double().mean()) if w.numel() else 0.0
     if loss_aggregation == "sum_norm" and normalize_constant is None:
         # fixed before padding is trimmed per microbatch; trainers should pass max_new_tokens
         normalize_constant = float(batch["response_mask"].shape[1])
-    seq_keys = BATCH_KEYS + tuple(k for k in ("attention_mask", "old_log_probs") if k in batch)
+    optional = ("attention_mask", "old_log_probs", "tis_weights")
+    seq_keys = BATCH_KEYS + tuple(k for k in optional if k in batch)
     lengths = response_lengths(batch["response_mask"])
     gen = torch.Generator().manual_seed(seed) if shuffle else None
 
@@ -256,10 +372,12 @@ def pg_update(
             idx = idx[torch.argsort(lengths[idx], descending=True, stable=True)]
         mb_tokens = max(float(batch["response_mask"][idx].sum()), 1.0)
         optimizer.zero_grad(set_to_none=True)
-        acc = {"loss": 0.0, "tokens": 0.0, "ent": 0.0, "clipped": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0}
-        rmin, rmax = math.inf, -math.inf
+        acc = {"loss": 0.0, "tokens": 0.0, "ent": 0.0}
+        drift: dict[str, float] = {}
         if microbatch_tokens is not None:
-            groups = [idx[g] for g in token_budget_microbatches(lengths[idx], microbatch_tokens, microbatch_size)]
+            groups = [
+                idx[g] for g in token_budget_microbatches(lengths[idx], microbatch_tokens, microbatch_size)
+            ]
         else:
             groups = [idx[s : s + microbatch_size] for s in range(0, len(idx), microbatch_size)]
         for rows in groups:
@@ -267,12 +385,11 @@ def pg_update(
             mb = trim_padding(_to(mb, device), seq_keys)
             rew = batch["raw_rewards"][rows].to(device).float().unsqueeze(-1)
             adv = batch["advantages"][rows].to(device).float().unsqueeze(-1)
-            # Weight each microbatch by its share of rows, so the sum over microbatches is exactly the
-            # minibatch loss; token_mean divides by the minibatch's token count.
+            # Each microbatch's loss is its share of the minibatch loss, so the accumulated gradient
+            # is the minibatch's whatever the cut: rows / ga for the per-sequence means, and the
+            # minibatch's response-token count for token_mean (aggregate_loss divides by norm, then ga).
             ga = len(idx) / len(rows)
-            norm = normalize_constant
-            if loss_aggregation == "token_mean" and normalize_constant is None:
-                norm = mb_tokens / ga
+            norm = mb_tokens / ga if loss_aggregation == "token_mean" else normalize_constant
             with _autocast(device, autocast_dtype):
                 out = _forward(model, mb, chunk_size)
                 loss, meta = grpo_microbatch_train_step(
@@ -282,42 +399,41 @@ def pg_update(
                     loss_type,
                     raw_rewards=rew,
                     advantages=adv,
-                    old_log_probs=mb.get("old_log_probs"),
+                    old_log_probs=mb["old_log_probs"],
                     cliprange=cliprange,
                     loss_aggregation=loss_aggregation,
                     normalize_constant=norm,
+                    token_weights=mb.get("tis_weights"),
                 )
             mask = mb["response_mask"].bool()
-            t = float(meta["response_tokens"])
             acc["loss"] += float(loss)
-            acc["tokens"] += t
+            acc["tokens"] += float(meta["response_tokens"])
             acc["ent"] += float(torch.where(mask, out["token_entropy"].detach(), 0.0).sum())
-            if "ratio" in meta and t > 0:
-                acc["clipped"] += float(meta["clip_fraction"]) * t
-                acc["ratio_sum"] += float(meta["ratio_mean"]) * t
-                acc["kl_sum"] += float(meta["approx_kl"]) * t
-                rmin = min(rmin, float(meta["ratio_min"]))
-                rmax = max(rmax, float(meta["ratio_max"]))
+            _add_sums(drift, policy_drift_sums(out["log_probs"], mb["old_log_probs"], mask, adv, cliprange))
+        lr = float(optimizer.param_groups[0]["lr"])
         grad_norm = _clip(model, optimizer, max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if scheduler is not None:
+            scheduler.step()
         tk = max(acc["tokens"], 1.0)
-        step = {"loss": acc["loss"], "grad_norm": grad_norm, "entropy": acc["ent"] / tk, "tokens": acc["tokens"]}
-        if loss_type == "grpo_clip":
-            step.update(
-                clip_fraction=acc["clipped"] / tk,
-                ratio_mean=acc["ratio_sum"] / tk if acc["tokens"] else 1.0,
-                ratio_min=rmin if rmin < math.inf else 1.0,
-                ratio_max=rmax if rmax > -math.inf else 1.0,
-                approx_kl=acc["kl_sum"] / tk,
-            )
+        step = {
+            "loss": acc["loss"],
+            "grad_norm": grad_norm,
+            "entropy": acc["ent"] / tk,
+            "tokens": acc["tokens"],
+            "lr": lr,
+            **_drift_metrics(drift),
+        }
+        step["approx_kl"] = step["kl_k3"]  # the name older logs used
         per_step.append(step)
 
-    metrics: dict = {k: sum(s[k] for s in per_step) / len(per_step) for k in per_step[0] if k not in ("ratio_min", "ratio_max")}
+    metrics: dict = {}
+    for k in per_step[0]:
+        vals = [s[k] for s in per_step]
+        metrics[k] = min(vals) if k in _MIN_KEYS else max(vals) if k in _MAX_KEYS else sum(vals) / len(vals)
     metrics["tokens"] = sum(s["tokens"] for s in per_step)
-    if loss_type == "grpo_clip":
-        metrics["ratio_min"] = min(s["ratio_min"] for s in per_step)
-        metrics["ratio_max"] = max(s["ratio_max"] for s in per_step)
+    metrics.update(batch_metrics)
     metrics["optimizer_steps"] = len(per_step)
     metrics["per_step"] = per_step
     return metrics

@@ -1,0 +1,54 @@
+"""mathpt.outputs: the lines `make run` prints at the end."""
+
+from __future__ import annotations
+
+import csv
+import random
+
+from mathpt.outputs import summary, table_lines
+
+
+def _write(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(
+            f, fieldnames=["model_a", "model_b", "seed", "diff", "ci_low", "ci_high", "holm_p"]
+        )
+        w.writeheader()
+        w.writerows(rows)
+
+
+def test_table_lines_show_each_comparison_with_its_interval(tmp_path):
+    rng = random.Random(0)
+    rows = []
+    for a, b, seed in [
+        ("sft-seed0", "base", "0"),
+        ("grpo_clip", "sft", "pooled"),
+        ("grpo_clip-seed1", "sft-seed1", "1"),
+    ]:
+        lo = rng.uniform(-0.1, 0.3)
+        rows.append(
+            {
+                "model_a": a,
+                "model_b": b,
+                "seed": seed,
+                "diff": lo + 0.05,
+                "ci_low": lo,
+                "ci_high": lo + 0.1,
+                "holm_p": rng.random(),
+            }
+        )
+    _write(tmp_path / "ci_table.csv", rows)
+    lines = table_lines(tmp_path / "ci_table.csv")
+    assert len(lines) == 1 + len(rows)
+    assert "GRPO-clip  -  SFT" in lines[1]  # pooled rows first, with the registry's labels
+    by_name = {"SFT (seed 0)  -  base": rows[0], "GRPO-clip (seed 1)  -  SFT (seed 1)": rows[2]}
+    for name, r in by_name.items():
+        line = next(x for x in lines if name in x)
+        assert f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" in line and f"{r['diff']:+.3f}" in line
+    assert len(table_lines(tmp_path / "ci_table.csv", limit=1)) == 3  # header, one row, "... 2 more rows"
+
+
+def test_summary_lists_only_what_exists(tmp_path):
+    (tmp_path / "plots").mkdir()
+    text = summary(tmp_path)
+    assert "plots" in text and "HTML report" not in text and "ci_table.csv" not in text
