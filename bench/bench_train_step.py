@@ -177,17 +177,22 @@ def naive_step(model, opt, batch: dict, micro: int, device) -> None:
     opt.zero_grad(set_to_none=True)
 
 
-def ours_sft(model, opt, batch: dict, micro: int, device, tokens: int | None = None) -> None:
+def ours_sft(
+    model, opt, batch: dict, micro: int, device, tokens: int | None = None, packing: bool = False
+) -> None:
     keys = ("input_ids", "labels", "response_mask")
     if tokens is None:
         mbs = split(batch, micro, keys)
     else:
-        groups = token_budget_microbatches(response_lengths(batch["response_mask"]), tokens)
+        lengths = response_lengths(batch["response_mask"])
+        groups = token_budget_microbatches(lengths, tokens, packed=packing)
         mbs = [{k: batch[k][g] for k in keys} for g in groups]
-    sft_update(model, opt, mbs, autocast_dtype=None)
+    sft_update(model, opt, mbs, autocast_dtype=None, packing=packing)
 
 
-def ours_pg(model, opt, batch: dict, micro: int, device, tokens: int | None = None) -> None:
+def ours_pg(
+    model, opt, batch: dict, micro: int, device, tokens: int | None = None, packing: bool = False
+) -> None:
     rb = {
         k: batch[k]
         for k in ("input_ids", "labels", "response_mask", "raw_rewards", "advantages", "old_log_probs")
@@ -202,6 +207,7 @@ def ours_pg(model, opt, batch: dict, micro: int, device, tokens: int | None = No
             "grpo_clip",
             microbatch_size=len(rb["input_ids"]),
             microbatch_tokens=tokens,
+            packing=packing,
             autocast_dtype=None,
         )
 
@@ -357,6 +363,8 @@ def mix_study(model, opt, work, device, args, results, save, n, L, d, peak) -> N
             ("rows8", {"micro": 8, "tokens": None}),
             ("tok8k", {"micro": 32, "tokens": 8192}),
             ("tok16k", {"micro": 32, "tokens": 16384}),
+            ("pack16k", {"micro": 32, "tokens": 16384, "packing": True}),
+            ("pack32k", {"micro": 32, "tokens": 32768, "packing": True}),
         ):
             cases.append((backend, "mix", rule, w["batch"], kw))
         for shp, batch in singles.items():
@@ -375,7 +383,15 @@ def mix_study(model, opt, work, device, args, results, save, n, L, d, peak) -> N
 
         def fn(batch=batch, kw=kw, ctx=ctx):
             with ctx():
-                ours_pg(model, opt, batch, kw["micro"], device, tokens=kw["tokens"])
+                ours_pg(
+                    model,
+                    opt,
+                    batch,
+                    kw["micro"],
+                    device,
+                    tokens=kw["tokens"],
+                    packing=kw.get("packing", False),
+                )
 
         try:
             r = timed(fn, args.warmup, args.iters, device)

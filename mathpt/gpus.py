@@ -14,6 +14,7 @@ import fcntl
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -148,3 +149,16 @@ def gpus_for(layout: str, role: str) -> int:
 def devices_for(layout: str) -> tuple[str, str]:
     """(trainer device, inference worker device) for a layout, after CUDA_VISIBLE_DEVICES is set."""
     return {"cpu": ("cpu", "cpu"), "one_gpu": ("cuda:0", "cuda:0"), "two_gpu": ("cuda:0", "cuda:1")}[layout]
+
+
+def peak_gpu_memory() -> str | None:
+    """This process's peak GPU memory per device (torch's allocator), or None if it used no GPU."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    gib = 1024**3
+    return "; ".join(
+        f"peak GPU memory on cuda:{i}: {torch.cuda.max_memory_allocated(i) / gib:.2f} GiB allocated, "
+        f"{torch.cuda.max_memory_reserved(i) / gib:.2f} GiB reserved by torch"
+        for i in range(torch.cuda.device_count())
+    )

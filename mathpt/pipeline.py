@@ -82,7 +82,7 @@ def run_script(smk: Any, main: Callable[[Any, dict], None], gpus: int = 0) -> No
     GPU counts come from the rule's ``resources.gpu`` (computed once, in the rules), never recomputed
     here; ``gpus`` is only for callers without that resource.
     """
-    from mathpt.gpus import claim_gpus
+    from mathpt.gpus import claim_gpus, peak_gpu_memory
 
     log_path = str(smk.log[0]) if len(smk.log) else None
     console = redirect_output(log_path) if log_path else None
@@ -92,6 +92,8 @@ def run_script(smk: Any, main: Callable[[Any, dict], None], gpus: int = 0) -> No
     try:
         with claim_gpus(n_gpus):
             main(smk, cfg)
+            if peak := peak_gpu_memory():
+                log.info("rule %s: %s", smk.rule, peak)
     except MathptError as e:
         log.error("%s", e, extra={"log_file_only": True})  # the console gets the line below
         print(f"\nmathpt error in rule {smk.rule}: {e}", file=console or sys.stderr)

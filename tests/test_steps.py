@@ -215,13 +215,17 @@ def test_token_budget_pg_and_uneven_sft_microbatches_keep_the_exact_gradient(mod
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-10)
 
 
-def _pg_cfg(aggregation: str, microbatch: int) -> dict:
+def _pg_cfg(
+    aggregation: str, microbatch: int, microbatch_tokens: int | None = None, packing: bool = False
+) -> dict:
     """A train.pg block as train_pg reads it (one minibatch of the whole batch)."""
     return {
         "loss_type": "reinforce_with_baseline",
         "epochs_per_batch": 1,
         "minibatch_size": B,
         "microbatch_size": microbatch,
+        "microbatch_tokens": microbatch_tokens,
+        "packing": packing,
         "max_grad_norm": None,
         "loss_aggregation": aggregation,
         "max_new_tokens": 11,
@@ -251,12 +255,29 @@ def test_train_pg_update_gradient_does_not_depend_on_microbatching(model64, aggr
     }[aggregation]
     ref_loss.backward()
     ref = [p.grad.clone() for p in m.parameters()]
-    for micro in (B, 4, 2, 1):
-        kw = pg_update_kwargs(_pg_cfg(aggregation, micro), seed=0, step=0)
+    # row counts, then token budgets (padded and packed: the cut the pipeline makes by default)
+    cuts = [(micro, None, False) for micro in (B, 4, 2, 1)]
+    cuts += [(B, 30, False), (B, 30, True), (B, 9, True), (3, 1000, True)]
+    for micro, tokens, packing in cuts:
+        kw = pg_update_kwargs(_pg_cfg(aggregation, micro, tokens, packing), seed=0, step=0)
         got, metrics = sgd_delta(model64, lambda mm, o, kw=kw: pg_update(mm, o, batch, **kw))
         assert metrics["optimizer_steps"] == 1
         for g, r in zip(got, ref, strict=True):
-            torch.testing.assert_close(g, r, rtol=1e-7, atol=1e-10, msg=f"microbatch {micro}")
+            torch.testing.assert_close(
+                g, r, rtol=1e-7, atol=1e-10, msg=f"microbatch {micro}, budget {tokens}, packing {packing}"
+            )
+
+
+def test_packed_old_log_probs_equal_padded(model64):
+    """The behaviour log-probs train_pg takes (token budget + packing) equal the padded ones."""
+    batch = rollout(4)
+    ref = compute_old_log_probs(model64, batch, B, autocast_dtype=None)
+    for tokens, packing in ((9, True), (30, False), (1000, True)):
+        got = compute_old_log_probs(
+            model64, batch, B, autocast_dtype=None, microbatch_tokens=tokens, packing=packing
+        )
+        mask = batch["response_mask"]  # what the losses read; elsewhere the packed path leaves 0
+        torch.testing.assert_close(got[mask], ref[mask], rtol=1e-10, atol=1e-12)
 
 
 def test_tis_weights_multiply_every_variants_per_token_loss(model64):

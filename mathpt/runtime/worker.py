@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -202,6 +203,10 @@ def worker_main(cfg: WorkerConfig, job_q, result_q, ctrl_q, ack_q, mailbox, hear
     except BaseException:  # noqa: BLE001 - the trainer turns this into a clear error
         result_q.put(("fatal", traceback.format_exc()))
     finally:
+        from mathpt.gpus import peak_gpu_memory
+
+        if peak := peak_gpu_memory():
+            print(f"inference worker: {peak}", file=sys.stderr, flush=True)
         result_q.close()
         result_q.join_thread()  # deliver everything before exiting
         _release_semaphores()

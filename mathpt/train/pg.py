@@ -127,7 +127,7 @@ class Behaviour:
         self.copy_version = version
 
     def log_probs(
-        self, batch: dict[str, torch.Tensor], weight_version: int, microbatch_size: int
+        self, batch: dict[str, torch.Tensor], weight_version: int, microbatch_size: int, **cut
     ) -> torch.Tensor:
         """Trainer log-probs (B, T) of the batch's labels under the weights of ``weight_version``."""
         if weight_version == self.version:
@@ -137,7 +137,7 @@ class Behaviour:
         else:
             kept = [self.version] + ([self.copy_version] if self.copy is not None else [])
             raise MathptError(f"rollouts came from weights v{weight_version}; the trainer keeps only {kept}")
-        return compute_old_log_probs(net, batch, microbatch_size, autocast_dtype=None)
+        return compute_old_log_probs(net, batch, microbatch_size, autocast_dtype=None, **cut)
 
     def advance(self, version: int) -> None:
         """The trainer's weights are about to move on from ``self.version`` to ``version``."""
@@ -161,6 +161,8 @@ def pg_update_kwargs(pg: dict, seed: int, step: int) -> dict:
         "epochs": pg["epochs_per_batch"],
         "minibatch_size": pg.get("minibatch_size"),
         "microbatch_size": pg.get("microbatch_size"),  # absent: whole
+        "microbatch_tokens": pg["microbatch_tokens"],
+        "packing": pg["packing"],
         "max_grad_norm": pg["max_grad_norm"],
         "loss_aggregation": pg["loss_aggregation"],
         "autocast_dtype": None,
@@ -243,6 +245,11 @@ def train_pg(
         **wandb_kwargs(wandb_cfg),
     )
     val = load_prompts(val_prompts_path)
+    # Everything the trainer holds before its first step is allocated before the worker starts: on
+    # one GPU, vLLM counts memory that grows during its start-up profile as its own (issue 16.5).
+    behaviour = Behaviour(model, start, staleness >= 1, init_dir, next(model.parameters()).dtype)
+    if torch.cuda.is_available() and next(model.parameters()).is_cuda:
+        torch.cuda.synchronize()
     with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
         evals = EvalTracker(client, val, reward_fn, val_params(pg["val_max_new_tokens"], stop), logger)
         rollouts = RolloutPipeline(
@@ -256,7 +263,6 @@ def train_pg(
             client.push_weights(model, version=start)
         else:
             evals.request(0)
-        behaviour = Behaviour(model, start, staleness >= 1, init_dir, next(model.parameters()).dtype)
         bar = tqdm(range(start, pg["n_steps"]), desc=f"pg {name}", initial=start, total=pg["n_steps"])
         for step in bar:
             t_step = time.perf_counter()
@@ -281,7 +287,13 @@ def train_pg(
             batch["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).flatten()
             t_train = time.perf_counter()
             micro = pg.get("microbatch_size") or pg.get("minibatch_size") or len(gens)
-            batch["old_log_probs"] = behaviour.log_probs(batch, result.weight_version, micro)
+            batch["old_log_probs"] = behaviour.log_probs(
+                batch,
+                result.weight_version,
+                micro,
+                microbatch_tokens=pg["microbatch_tokens"],
+                packing=pg["packing"],
+            )
             done = step + 1
             behaviour.advance(done)
             out = pg_update(model, optimizer, batch, scheduler=scheduler, **pg_update_kwargs(pg, seed, step))

@@ -80,9 +80,13 @@ def grad_clipped(grad_norm: float, max_grad_norm: float | None) -> bool:
 
 
 def _forward(
-    model, mb: dict[str, torch.Tensor], chunk_size: int | None, packed: bool = False
+    model,
+    mb: dict[str, torch.Tensor],
+    chunk_size: int | None,
+    packed: bool = False,
+    entropy: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Log-probs and entropy (rows, T) of a microbatch; ``packed``: through one padding-free row
+    """Log-probs (and entropy) (rows, T) of a microbatch; ``packed``: through one padding-free row
     (``mathpt.train.packing``, right-padded rows only), same values."""
     if packed and mb.get("attention_mask") is None:
         return packed_response_log_probs(
@@ -90,14 +94,14 @@ def _forward(
             mb["input_ids"],
             mb["labels"],
             mb["response_mask"],
-            return_token_entropy=True,
+            return_token_entropy=entropy,
             chunk_size=chunk_size,
         )
     return get_response_log_probs(
         model,
         mb["input_ids"],
         mb["labels"],
-        return_token_entropy=True,
+        return_token_entropy=entropy,
         attention_mask=mb.get("attention_mask"),
         chunk_size=chunk_size,
     )
@@ -160,30 +164,31 @@ def compute_old_log_probs(
     microbatch_size: int,
     autocast_dtype: torch.dtype | None = torch.bfloat16,
     chunk_size: int | None = None,
+    microbatch_tokens: int | None = None,
+    packing: bool = False,
 ) -> torch.Tensor:
     """Log-probs (B, T) of the rollout labels under ``model`` as it is now (no grad), on CPU, 0 past the end.
 
-    Call this before any update on the batch: these are the behaviour policy's log-probs.
+    Call this before any update on the batch: these are the behaviour policy's log-probs. Rows are
+    cut as ``pg_update`` cuts them (``microbatch_tokens``, ``packing``): the values do not depend on it.
     """
     device = _device(model)
-    ids, labels = rollout_batch["input_ids"], rollout_batch["labels"]
+    labels = rollout_batch["labels"]
+    keys = BATCH_KEYS + (("attention_mask",) if "attention_mask" in rollout_batch else ())
+    n = labels.shape[0]
+    if microbatch_tokens is not None:
+        lengths = response_lengths(rollout_batch["response_mask"])
+        groups = token_budget_microbatches(lengths, microbatch_tokens, microbatch_size, packed=packing)
+    else:
+        groups = [torch.arange(s, min(s + microbatch_size, n)) for s in range(0, n, microbatch_size)]
     out = None
-    for s in range(0, ids.shape[0], microbatch_size):
-        mb = {k: rollout_batch[k][s : s + microbatch_size] for k in BATCH_KEYS}
-        if "attention_mask" in rollout_batch:
-            mb["attention_mask"] = rollout_batch["attention_mask"][s : s + microbatch_size]
-        mb = trim_padding(_to(mb, device), BATCH_KEYS + ("attention_mask",))
+    for rows in groups:
+        mb = trim_padding(_to({k: rollout_batch[k][rows] for k in keys}, device), keys)
         with _autocast(device, autocast_dtype):
-            lp = get_response_log_probs(
-                model,
-                mb["input_ids"],
-                mb["labels"],
-                attention_mask=mb.get("attention_mask"),
-                chunk_size=chunk_size,
-            )["log_probs"]
+            lp = _forward(model, mb, chunk_size, packed=packing, entropy=False)["log_probs"]
         if out is None:  # fp32 normally; fp64 for fp64 models
             out = torch.zeros(labels.shape, dtype=lp.dtype)
-        out[s : s + microbatch_size, : lp.shape[1]] = lp.cpu()
+        out[rows, : lp.shape[1]] = lp.cpu()
     return out
 
 
@@ -280,6 +285,7 @@ def pg_update(
     seed: int = 0,
     sort_by_length: bool = True,
     microbatch_tokens: int | None = None,
+    packing: bool = False,
     off_policy_correction: str = "none",
     tis_cap: float = 2.0,
     scheduler=None,
@@ -297,7 +303,8 @@ def pg_update(
     Makes ``epochs * ceil(B / minibatch_size)`` optimizer steps (``scheduler.step()`` after each),
     each accumulating gradients over microbatches of ``microbatch_size``, or cut by a padded-token
     budget with ``microbatch_tokens`` (``token_budget_microbatches``; ``microbatch_size`` then caps
-    the rows). Within a minibatch rows are grouped by length (``sort_by_length``) so microbatches
+    the rows; with ``packing`` the budget counts real tokens and each microbatch runs as one
+    padding-free row, ``mathpt.train.packing``: same gradient). Within a minibatch rows are grouped by length (``sort_by_length``) so microbatches
     carry little padding. The aggregation never depends on the microbatching: seq_mean and sum_norm
     weight each microbatch by its share of rows; token_mean divides by the response tokens of the
     whole minibatch (``normalize_constant`` is sum_norm's constant only; default T).
@@ -330,7 +337,7 @@ def pg_update(
     batch = dict(rollout_batch)
     if batch.get("old_log_probs") is None:
         batch["old_log_probs"] = compute_old_log_probs(
-            model, batch, microbatch_size, autocast_dtype, chunk_size
+            model, batch, microbatch_size, autocast_dtype, chunk_size, microbatch_tokens, packing
         )
     mask_all = batch["response_mask"].bool()
     batch_metrics: dict[str, float] = {}
@@ -376,7 +383,10 @@ def pg_update(
         drift: dict[str, float] = {}
         if microbatch_tokens is not None:
             groups = [
-                idx[g] for g in token_budget_microbatches(lengths[idx], microbatch_tokens, microbatch_size)
+                idx[g]
+                for g in token_budget_microbatches(
+                    lengths[idx], microbatch_tokens, microbatch_size, packed=packing
+                )
             ]
         else:
             groups = [idx[s : s + microbatch_size] for s in range(0, len(idx), microbatch_size)]
@@ -391,7 +401,7 @@ def pg_update(
             ga = len(idx) / len(rows)
             norm = mb_tokens / ga if loss_aggregation == "token_mean" else normalize_constant
             with _autocast(device, autocast_dtype):
-                out = _forward(model, mb, chunk_size)
+                out = _forward(model, mb, chunk_size, packed=packing)
                 loss, meta = grpo_microbatch_train_step(
                     out["log_probs"],
                     mb["response_mask"],
