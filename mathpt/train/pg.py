@@ -57,7 +57,7 @@ from mathpt.train.common import (
     val_params,
     wandb_kwargs,
 )
-from mathpt.train.steps import compute_old_log_probs, pg_update
+from mathpt.train.steps import compute_old_log_probs, pg_update, response_lengths
 
 log = logging.getLogger("mathpt.train.pg")
 
@@ -322,6 +322,9 @@ def train_pg(
                     "step_time_s": step_s,
                     "rollout_weight_version": result.weight_version,
                     "tokens_per_s": int(batch["response_mask"].sum()) / max(train_s, 1e-9),
+                    # prompt + response tokens computed per second (the benchmark's "real tokens")
+                    "real_tokens_per_s": int(response_lengths(batch["response_mask"]).sum())
+                    / max(train_s, 1e-9),
                 }
             )
             metrics.update(
