@@ -1,7 +1,7 @@
 """Peak CPU memory of per-token log-probs + entropy, forward and backward: naive vs chunked.
 
 naive:   logits = h @ W.T -> fp32 log_softmax -> gather, entropy from the full softmax
-chunked: mathpt.functional.chunked_log_probs_from_hidden (what get_response_log_probs uses)
+chunked: mathpt.logprob_kernel.chunked_log_probs_from_hidden (what get_response_log_probs uses)
 
 Each configuration runs in a fresh subprocess; the figure is the rise of peak RSS (ru_maxrss) over
 the RSS right before the forward, so inputs, weights and the interpreter are not counted.
@@ -30,7 +30,7 @@ def rss_now() -> int:
 def child(method: str, vocab: int, seq: int, hidden: int, chunk: int | None) -> dict:
     import torch
 
-    from mathpt.functional import chunked_log_probs_from_hidden
+    from mathpt.logprob_kernel import chunked_log_probs_from_hidden
 
     torch.manual_seed(0)
     h = torch.randn(1, seq, hidden, requires_grad=True)

@@ -480,7 +480,9 @@ def test_compiled_head_falls_back_to_eager_when_compiling_fails(monkeypatch):
 
     monkeypatch.setenv("MATHPT_COMPILE_HEAD", "1")
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(F, "_KERNELS", {})
+    import mathpt.logprob_kernel as kernel
+
+    monkeypatch.setattr(kernel, "_KERNELS", {})
     gen = torch.Generator().manual_seed(9)
     h = torch.randn(6, 8, generator=gen, dtype=torch.float64)
     w = torch.randn(20, 8, generator=gen, dtype=torch.float64)
