@@ -271,7 +271,7 @@ def run_gap(a) -> None:
 
     from mathpt.engines.base import SamplingConfig
     from mathpt.engines.vllm_engine import VLLMEngine
-    from mathpt.train.steps import compile_layers
+    from mathpt.train.compile import compile_layers
 
     prompts = [p["prompt"] for p in load_prompts(a.model)]
     t0 = time.perf_counter()

@@ -33,9 +33,8 @@ import torch
 
 from mathpt.functional import get_response_log_probs, sft_microbatch_train_step
 from mathpt.optim import MasterWeightAdamW
+from mathpt.train.compile import compile_layers, decoder_layers
 from mathpt.train.steps import (
-    checkpoint_layers,
-    compile_layers,
     pg_update,
     response_lengths,
     sft_update,
@@ -51,6 +50,29 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- setup
+
+
+def checkpoint_layers(model: torch.nn.Module, n_layers: int) -> int:
+    """Activation checkpointing on the first ``n_layers`` decoder layers (HF GradientCheckpointingLayer).
+
+    Each checkpointed layer keeps only its input and recomputes its forward in backward: ~1/3 more
+    compute for that layer, all its activations saved. Use the smallest count that fits memory.
+    Returns how many layers were switched on.
+    """
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    fn = functools.partial(checkpoint, use_reentrant=False)
+    count = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        if not hasattr(layer, "gradient_checkpointing"):
+            raise ValueError(f"{type(layer).__name__} does not support HF gradient checkpointing")
+        on = i < n_layers
+        layer.gradient_checkpointing = on
+        layer._gradient_checkpointing_func = fn
+        count += on
+    return count
 
 
 def build_model(shape_file: str, device: torch.device, dtype: torch.dtype):

@@ -14,8 +14,8 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mathpt.functional import get_response_log_probs
+from mathpt.train.compile import compile_layers
 from mathpt.train.packing import packed_response_log_probs
-from mathpt.train.steps import compile_layers
 
 
 def batch(rows: int, width: int, vocab: int, device) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ def load_policy(cfg: dict, init_dir: str) -> tuple[torch.nn.Module, object, str]
     """
     from mathpt.gpus import devices_for
     from mathpt.models import load_model, load_tokenizer
-    from mathpt.train.steps import compile_layers
+    from mathpt.train.compile import compile_layers
 
     set_seed(cfg["seed"])
     trainer_device, worker_device = devices_for(cfg["runtime"]["layout"])
