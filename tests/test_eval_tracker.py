@@ -5,7 +5,7 @@ from __future__ import annotations
 from mathpt.engines.base import Generation, SamplingConfig
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime.worker import JobResult
-from mathpt.train.common import EvalTracker
+from mathpt.train.validation import EvalTracker
 
 
 class FakeLogger:

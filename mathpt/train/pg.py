@@ -43,21 +43,10 @@ from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient, RolloutPipeline
 from mathpt.tracking import RunLogger
-from mathpt.train.common import (
-    EvalTracker,
-    clear_state,
-    client_kwargs,
-    load_policy,
-    load_prompts,
-    load_state,
-    lr_schedule,
-    save_final_checkpoint,
-    save_state,
-    score,
-    val_params,
-    wandb_kwargs,
-)
+from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
+from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
 from mathpt.train.steps import compute_old_log_probs, pg_update, response_lengths
+from mathpt.train.validation import EvalTracker, load_prompts, score, val_params
 
 log = logging.getLogger("mathpt.train.pg")
 

@@ -27,21 +27,11 @@ from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient
 from mathpt.shards import load_sft_examples, read_index
 from mathpt.tracking import RunLogger
-from mathpt.train.common import (
-    EvalTracker,
-    clear_state,
-    client_kwargs,
-    load_policy,
-    load_prompts,
-    load_state,
-    lr_schedule,
-    save_final_checkpoint,
-    save_state,
-    val_params,
-    wandb_kwargs,
-)
+from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
 from mathpt.train.packing import row_lengths
+from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
 from mathpt.train.steps import sft_update, token_budget_microbatches
+from mathpt.train.validation import EvalTracker, load_prompts, val_params
 
 log = logging.getLogger("mathpt.train.sft")
 
