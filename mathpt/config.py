@@ -184,6 +184,7 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
     if rule in ("ci_table", "regressions"):
         return {
             "stats": c["stats"],
+            "benchmark": "arith" if c["data"]["source"] == "arith" else "gsm8k",
             "gsm8k": c["eval"]["gsm8k"],
             "lm_eval": c["eval"]["lm_eval"],
             "prompt_style": style,

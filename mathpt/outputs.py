@@ -14,6 +14,7 @@ OUTPUTS = (
     ("regression checks (lm-eval)", "regressions.csv"),
     ("plots", "plots"),
     ("HTML report", "report.html"),
+    ("run summary (what the README copies)", "summary.md"),
     ("logs", "logs"),
 )
 
@@ -53,7 +54,12 @@ def summary(results: Path) -> str:
             out.append(f"  {what:<32} {path}")
     ci = results / "ci_table.csv"
     if ci.exists():
-        out += ["", f"{ci} (accuracy differences on the test split, paired bootstrap):", *table_lines(ci)]
+        out += [
+            "",
+            f"{ci} (accuracy differences on the test split; 95% CIs: paired bootstrap per seed, "
+            "t over seeds for pooled rows):",
+            *table_lines(ci),
+        ]
     return "\n".join(out)
 
 

@@ -2,8 +2,8 @@
 
 The README's result tables are copied from this file, so a documented number cannot drift from the
 code and config that produced it: the commit, the experiment name, the config files and a hash of
-the whole config are printed above the tables. The file holds no timestamp, so two runs that produce
-the same results produce the same summary byte for byte.
+the whole config are printed above the tables. The file holds no timestamp; two runs that produce
+the same results produce the same summary except for its wall-time section.
 
 Sections: accuracy per model (with the accuracy ignoring the answer format, the format rate and the
 truncated fraction, so a gain that is only format shows as such), the paired comparisons (the pooled

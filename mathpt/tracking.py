@@ -10,7 +10,7 @@ metrics are logged as ``train/<key>`` against ``train/step`` and eval metrics as
 against ``eval/step`` (``define_metric``), so a late eval result is drawn at the step it belongs to.
 Offline mode (the default) writes ``<run_dir>/wandb/offline-run-*``; upload later with::
 
-    wandb sync results/train/<run>/wandb/offline-run-*     # resumed runs: all dirs, synced in order
+    wandb sync results/runs/<run>/wandb/offline-run-*     # resumed runs: all dirs, synced in order
 
 Set ``wandb.mode: online`` in the config (after ``wandb login`` or with ``WANDB_API_KEY`` in the
 environment) to stream live; ``disabled`` turns W&B off. The W&B run id is kept in

@@ -10,7 +10,7 @@ def main(smk, cfg):
     evals = group_runs(dict(zip(smk.params.models, smk.input.evals, strict=True)))
     g = cfg["gsm8k"]
     meta = {
-        "benchmark": "gsm8k",
+        "benchmark": cfg["benchmark"],
         "split": "test",
         "scorer": "mathpt.rewards:" + cfg["prompt_style"],
         "k_shot": g["k_shot"],

@@ -1,6 +1,7 @@
 """Shared fixtures. The suite runs on a fresh machine: tests that only need math word problems get
-them from the project's own arith generator; only tests about GSM8K's real text ask for ``gsm8k_dir``,
-which skips (with the reason) when no local copy exists (``MATHPT_GSM8K_DIR`` names one)."""
+them from the project's own arith generator; only tests about GSM8K's real text ask for ``gsm8k_dir``:
+the local copy ``MATHPT_GSM8K_DIR`` names, else GSM8K downloaded from the HF hub (openai/gsm8k, main)
+once per session; the tests skip, with the reason, when neither is there."""
 
 from __future__ import annotations
 
@@ -17,12 +18,20 @@ GSM8K_DIR = Path(_env) if _env else None
 
 
 @pytest.fixture(scope="session")
-def gsm8k_dir() -> Path:
-    """A local copy of GSM8K (train.jsonl, test.jsonl); skips the test when there is none."""
+def gsm8k_dir(tmp_path_factory) -> Path:
+    """GSM8K's train.jsonl and test.jsonl: the local copy, else the hub's; skips when neither is there."""
     if GSM8K_DIR is None:
-        pytest.skip(
-            "needs the real GSM8K text: set MATHPT_GSM8K_DIR to a directory with train.jsonl and test.jsonl"
-        )
+        from mathpt.data import _load_hub
+        from mathpt.io import MathptError, write_jsonl
+
+        try:
+            splits = _load_hub("openai/gsm8k", "main")
+        except MathptError as e:
+            pytest.skip(f"needs the real GSM8K text and found none: {e}")
+        out = tmp_path_factory.mktemp("gsm8k_hub")
+        for split in ("train", "test"):
+            write_jsonl(out / f"{split}.jsonl", [row for _, row in splits[split]])
+        return out
     if not (GSM8K_DIR / "train.jsonl").is_file() or not (GSM8K_DIR / "test.jsonl").is_file():
         pytest.fail(f"MATHPT_GSM8K_DIR={GSM8K_DIR} has no train.jsonl and test.jsonl")
     return GSM8K_DIR

@@ -174,6 +174,7 @@ MINIBATCH_KEYS = (
     "ratio_min",
     "ratio_max",
     "grad_norm",
+    "grad_clipped",
     "lr",
 )
 
@@ -215,12 +216,16 @@ def train_pg(
         ]
 
     def sampling(step: int) -> SamplingConfig:
+        # The sampler's per-token log-probs cost vLLM 2-3x its throughput on one H200 (BENCHMARKS.md):
+        # ask for them when TIS needs them, else only on the eval_every-th batches, to log the
+        # sampler-vs-trainer gap (sampler_logp_gap_*) through the run at a small cost.
         return SamplingConfig(
             max_new_tokens=pg["max_new_tokens"],
             temperature=pg["temperature"],
             n=group_size,
             stop=tuple(stop),
             seeds=sample_seeds(seed, step, n_prompts, group_size),
+            logprobs=pg["off_policy_correction"] == "tis" or step % pg["eval_every"] == 0,
         )
 
     name = os.path.basename(os.path.normpath(out_dir))
@@ -252,6 +257,7 @@ def train_pg(
             client.push_weights(model, version=start)
         else:
             evals.request(0)
+        t_run = time.perf_counter()
         bar = tqdm(range(start, pg["n_steps"]), desc=f"pg {name}", initial=start, total=pg["n_steps"])
         for step in bar:
             t_step = time.perf_counter()
@@ -326,6 +332,7 @@ def train_pg(
             if done % pg["checkpoint_every"] == 0 and done < pg["n_steps"]:
                 save_state(state_dir, model, optimizer, scheduler, done)
         evals.finish()
+        logger.summary({"steps": pg["n_steps"], "resumed_at": start, "wall_s": time.perf_counter() - t_run})
     save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, train_prompts_path])
     clear_state(state_dir)
     return {"steps": pg["n_steps"]}

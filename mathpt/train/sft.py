@@ -114,6 +114,7 @@ def train_sft(
         evals = EvalTracker(client, val, reward_fn, params, logger)
         if start == 0:
             evals.submit(model, step=0)
+        t_run = time.perf_counter()
         bar = tqdm(range(start, total_steps), desc=f"sft {name}", initial=start, total=total_steps)
         for step in bar:
             evals.drain()
@@ -152,6 +153,14 @@ def train_sft(
             if done % sft["checkpoint_every"] == 0 and done < total_steps:
                 save_state(state_dir, model, optimizer, scheduler, done, {"clipped_steps": clipped_steps})
         evals.finish()
+        logger.summary(
+            {
+                "steps": total_steps,
+                "resumed_at": start,
+                "clipped_steps": clipped_steps,
+                "wall_s": time.perf_counter() - t_run,
+            }
+        )
     save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, shards_dir])
     clear_state(state_dir)
     return {"steps": total_steps}

@@ -433,6 +433,7 @@ def pg_update(
             "entropy": acc["ent"] / tk,
             "tokens": acc["tokens"],
             "lr": lr,
+            "grad_clipped": float(grad_clipped(grad_norm, max_grad_norm)),  # mean: clipped fraction
             **_drift_metrics(drift),
         }
         step["approx_kl"] = step["kl_k3"]  # the name older logs used

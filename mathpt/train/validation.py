@@ -19,7 +19,9 @@ def load_prompts(path: str | os.PathLike) -> list[dict]:
 
 
 def val_params(max_new_tokens: int, stop: list[str]) -> SamplingConfig:
-    return SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0, n=1, stop=tuple(stop))
+    return SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=0.0, n=1, stop=tuple(stop), logprobs=False
+    )
 
 
 def score(generations: list[Generation], answers: list[str], reward_fn) -> dict:
