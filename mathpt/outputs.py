@@ -26,6 +26,15 @@ def _fmt(v: str) -> str:
         return v or "-"
 
 
+def _p(v: str | None) -> str:
+    """A p-value in at most 7 characters: 0.0098, 3.6e-12 (never a truncated mantissa)."""
+    try:
+        p = float(v)
+    except (TypeError, ValueError):
+        return v or "-"
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
 def _name(model: str) -> str:
     algo, seed = parse_model_name(model)
     return label(algo) + ("" if seed is None else f" (seed {seed})")
@@ -39,8 +48,7 @@ def table_lines(ci_csv: Path, limit: int = 12) -> list[str]:
     for r in rows[:limit]:
         a, b = (_name(r["model_a"]), _name(r["model_b"]))
         ci = f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
-        p = r.get("holm_p") or ""
-        lines.append(f"  {a + '  -  ' + b:<46} {_fmt(r['diff']):>7}  {ci:>17}  {p[:7]:>7}")
+        lines.append(f"  {a + '  -  ' + b:<46} {_fmt(r['diff']):>7}  {ci:>17}  {_p(r.get('holm_p')):>7}")
     if len(rows) > limit:
         lines.append(f"  ... {len(rows) - limit} more rows in {ci_csv}")
     return lines

@@ -48,6 +48,13 @@ def test_table_lines_show_each_comparison_with_its_interval(tmp_path):
     assert len(table_lines(tmp_path / "ci_table.csv", limit=1)) == 3  # header, one row, "... 2 more rows"
 
 
+def test_tiny_p_values_keep_their_exponent(tmp_path):
+    row = {"model_a": "sft-seed0", "model_b": "base", "seed": "0", "diff": 0.3, "ci_low": 0.2, "ci_high": 0.4}
+    _write(tmp_path / "ci_table.csv", [{**row, "holm_p": 3.637978807091713e-12}, {**row, "holm_p": 0.0098}])
+    lines = table_lines(tmp_path / "ci_table.csv")
+    assert lines[1].endswith("3.6e-12") and lines[2].endswith("0.0098")
+
+
 def test_summary_lists_only_what_exists(tmp_path):
     (tmp_path / "plots").mkdir()
     text = summary(tmp_path)
