@@ -69,8 +69,8 @@ def test_gold_bad_input(rows):
 
 @pytest.mark.parametrize("style", ["r1_zero", "qwen_boxed"])
 def test_unformatted_fraction(rows, style):
-    """About that share of traces (all those of some answers, stable across runs) keeps the reasoning
-    and the number but drops the answer format, so the reward scores it 0; the rest are untouched."""
+    """That share of traces (by id, stable across runs) keeps the reasoning and the number but drops
+    the answer format, so the reward scores it 0; the rest are untouched."""
     reward_fn = get_reward_fn(style)
     plain = gold_traces(rows, style)
     mixed = gold_traces(rows, style, unformatted_fraction=0.5)
