@@ -45,7 +45,7 @@ def test_arith_config_is_the_issue_8_experiment():
     assert set(cfg["train"]["algorithms"]) == {"sft", "no_baseline", "reinforce_with_baseline", "grpo_clip"}
     assert cfg["data"]["arith"]["n_test"] >= 500 and cfg["data"]["limits"].get("test") is None
     assert cfg["model"]["kind"] == "tiny" and cfg["runtime"]["layout"] == "cpu"
-    assert cfg["teacher"] == {"kind": "gold", "keep": "all", "unformatted_fraction": 0.5}
+    assert cfg["teacher"] == {"kind": "gold", "keep": "all", "unformatted_fraction": 0.7}
     pg = cfg["train"]["pg"]
     assert pg["rollout_batch_size"] > pg["minibatch_size"]  # several optimizer steps per rollout batch
 
@@ -153,5 +153,8 @@ def test_pg_beats_sft_on_held_out_problems(learning_run):
     assert [r["id"] for r in sft] == [r["id"] for r in pg]
     acc_sft = sum(r["correct"] for r in sft) / len(sft)
     acc_pg = sum(r["correct"] for r in pg) / len(pg)
-    assert acc_sft > 0.1, f"SFT learned little (accuracy {acc_sft:.3f}); the PG comparison would be vacuous"
+    # SFT learns the arithmetic but, like 70% of its traces, mostly ends in plain words, which the
+    # reward scores 0: its accuracy ignoring the format shows what it learned (issue 20)
+    any_sft = sum(r["correct_any_format"] for r in sft) / len(sft)
+    assert any_sft > 0.1, f"SFT learned little (accuracy ignoring format {any_sft:.3f}); PG vs SFT is vacuous"
     assert acc_pg > acc_sft + 0.03, (acc_sft, acc_pg)

@@ -7,8 +7,12 @@ It needs no model, so SFT on gold traces is the baseline every sampled teacher i
 the time (API teachers drift like this): that share of traces, picked by a hash of the row id, ends
 with ``The final answer is N.`` instead of the style's answer format. The reasoning and the number
 are right, but the reward scores such a response 0, so SFT learns a habit that only the reward can
-correct: the synthetic demo (config/arith.yaml) uses it to show policy-gradient training learning
-from the reward.
+correct: the quick start (config/config.yaml) and config/arith.yaml use it to show policy-gradient
+training learning from the reward.
+
+Near 0.5 SFT learns a coin flip between the two endings, and greedy decoding then follows whichever
+one tiny numeric differences favour: the same config gave SFT format rates from 0.06 to 0.96 across
+runs (issue 20). The shipped configs use 0.7, so greedy SFT reliably ends in plain words.
 """
 
 from __future__ import annotations
