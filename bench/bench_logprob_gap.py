@@ -7,7 +7,8 @@ gap is the numerical mismatch a ratio against the sampler's log-probs would carr
 corrects). Reported per response token: mean and max |log pi_trainer - log pi_sampler|, the k3
 estimate of KL(sampler || trainer), and the TIS weight min(pi_trainer / pi_sampler, 2) statistics.
 
-The model is the pipeline's random-init tiny Qwen2 (tokenizer trained on GSM8K) and, with
+The model is the pipeline's random-init tiny Qwen2 (tokenizer trained on GSM8K when
+``MATHPT_GSM8K_DIR`` names a copy, else on the project's arith problems) and, with
 ``--sharpen``, the same with its tied embedding scaled, so the next-token distributions are as
 peaked as a trained model's. Measured (issue-14 note): x8 is too sharp (every sampled token has
 p ~ 1, so log p ~ 0 on both sides and the gap vanishes); x1 shows the bf16 mismatch.
@@ -29,8 +30,17 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-GSM8K = Path(os.environ.get("MATHPT_GSM8K_DIR", REPO.parent / "shared" / "data" / "gsm8k"))
+GSM8K = os.environ.get("MATHPT_GSM8K_DIR")  # unset: the project's arith word problems
 DEVICE = os.environ.get("BENCH_DEVICE", "cpu")  # cuda: the trainer and the hf engine on the GPU
+
+
+def problems(split: str, n: int) -> list[dict]:
+    """The first ``n`` raw rows (question, answer) of GSM8K's split, or of generated arith problems."""
+    if GSM8K:
+        return [json.loads(x) for x in (Path(GSM8K) / f"{split}.jsonl").read_text().splitlines()[:n]]
+    from mathpt.arith import generate_arith
+
+    return generate_arith(2000, 200, seed=0)[split][:n]
 
 
 def build_model(out: Path, sharpen: float, dtype: str) -> Path:
@@ -38,7 +48,7 @@ def build_model(out: Path, sharpen: float, dtype: str) -> Path:
 
     from mathpt.models import build_tiny_model, load_model, load_tokenizer, save_model
 
-    rows = [json.loads(x) for x in (GSM8K / "train.jsonl").read_text().splitlines()[:2000]]
+    rows = problems("train", 2000)
     base = build_tiny_model([r["question"] + "\n" + r["answer"] for r in rows], out / "base")
     model = load_model(base)
     with torch.no_grad():
@@ -53,7 +63,7 @@ def child(
 ) -> None:
     from mathpt.engines.base import SamplingConfig, make_engine
 
-    rows = [json.loads(x) for x in (GSM8K / "test.jsonl").read_text().splitlines()[:n_prompts]]
+    rows = problems("test", n_prompts)
     kwargs = {"dtype": dtype}
     if engine == "vllm":
         kwargs.update(

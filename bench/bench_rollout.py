@@ -360,7 +360,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument(
         "--gsm8k",
-        default=os.path.join(os.environ.get("MATHPT_GSM8K_DIR", "../shared/data/gsm8k"), "train.jsonl"),
+        default=os.path.join(os.environ.get("MATHPT_GSM8K_DIR", "."), "train.jsonl"),
+        help="GSM8K train.jsonl (default: $MATHPT_GSM8K_DIR/train.jsonl)",
     )
     p.add_argument("--n-train", type=int, default=512)
     for name in ("engine", "gap"):
