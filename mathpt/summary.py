@@ -202,7 +202,11 @@ def regressions_section(reg_rows: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
     lines = ["## lm-eval regressions (trained model − base)", ""]
     lines += _table(["task", "metric", "comparison", "seed", "diff", "95% CI", "Holm p"], body)
-    lines += ["", "For perplexity lower is better, so a positive difference is a regression."]
+    lines += [
+        "",
+        "Differences are in each metric's own units: for accuracy-like metrics and log-likelihood higher "
+        "is better; for perplexity lower is better, so there a positive difference is a regression.",
+    ]
     return lines
 
 
