@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine (as root, no systemd), for tests/test_slurm.py.
+# A one-node SLURM cluster on this machine (as root, no systemd), for tests/pipeline/test_slurm.py.
 #   bash .ci/slurm.sh         install (Debian packages) and start munged, slurmctld, slurmd; idempotent:
 #                             returns at once when `sinfo` already answers with a usable node
 #   bash .ci/slurm.sh stop    stop only the daemons this script started (by the pids it recorded)

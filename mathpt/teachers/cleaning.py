@@ -4,7 +4,7 @@ A teacher answers our instruction ("reason step by step, put the final answer in
 reasoning models talk about that instruction: "I will output the answer in a box", "The user wants
 me to show my reasoning". A student fine-tuned on such lines learns to chatter about a format it is
 never asked for, so they are dropped. Each pattern below has a name (counted in the summary), the
-kind of line it targets and examples it must catch; ``tests/test_cleaning.py`` checks every example
+kind of line it targets and examples it must catch; ``tests/teachers/test_cleaning.py`` checks every example
 and checks that ordinary solution lines survive.
 
 Then the teacher's own answer statement (``\\boxed{18}``, "**Final Answer**", ``<answer>18</answer>``,

@@ -10,7 +10,7 @@ import yaml
 
 from mathpt.config import ConfigError, validate_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg() -> dict:

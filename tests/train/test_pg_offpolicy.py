@@ -20,7 +20,7 @@ from mathpt.engines.base import SamplingConfig
 from mathpt.functional import compute_tis_weights, naive_response_log_probs
 from mathpt.runtime.worker import JobResult
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LR = 5e-2
 
 

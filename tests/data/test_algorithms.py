@@ -7,7 +7,7 @@ import yaml
 
 from mathpt import algorithms, functional
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_schema_enum_matches_registry():

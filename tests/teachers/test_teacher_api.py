@@ -1,4 +1,4 @@
-"""The API teacher against a scripted OpenAI-compatible server on 127.0.0.1 (tests/fake_openai_server.py).
+"""The API teacher against a scripted OpenAI-compatible server on 127.0.0.1 (tests/teachers/fake_openai_server.py).
 
 Checks: every retryable fault is survived and counted, Retry-After is honoured, non-retryable errors
 stop the run at once, a missing key fails before any request, the key never reaches a message, log
@@ -28,7 +28,7 @@ from mathpt.teachers.api import APITeacherSettings, TeacherAPIError, estimate_co
 from mathpt.teachers.cache import CompletionCache
 from mathpt.teachers.dispatch import generate_traces, summary_path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 KEY_ENV = "MATHPT_TEST_TEACHER_KEY"
 PRICES = {"prompt": 0.55, "completion": 2.19}
 

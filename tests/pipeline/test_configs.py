@@ -16,7 +16,7 @@ import yaml
 
 from mathpt.config import ConfigError, apply_defaults, load_schema, validate_config
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(p for p in (REPO / "config").glob("*.yaml") if p.name != "schema.yaml")
 WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "config", "report", "profiles", "envs"]
 

@@ -23,7 +23,7 @@ from mathpt.algorithms import parse_model_name as parse_run_name
 from mathpt.curves import make_figures, plot_training_curves, series  # noqa: E402
 from mathpt.io import DataError  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -17,7 +17,7 @@ one hang until ``release()`` (used to SIGKILL a client at a known point), and ``
 crashes the server after N successful responses.
 
 Built on ``http.server`` (stdlib) in a thread so the tests need no extra dependency and can read
-the request counters directly. Run ``python tests/fake_openai_server.py`` to serve by hand.
+the request counters directly. Run ``python tests/teachers/fake_openai_server.py`` to serve by hand.
 """
 
 from __future__ import annotations

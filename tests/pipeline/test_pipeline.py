@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WORKFLOW_PARTS = ["Snakefile", "rules", "scripts", "config", "report", "profiles", "envs"]
 
 
