@@ -57,25 +57,6 @@ def setup_logging(log_path: str | None, console: TextIO | None = None) -> None:
     )
 
 
-def split_cores(n: int) -> tuple[int, int]:
-    """(trainer, inference worker) threads out of ``n`` cores: half each, the trainer gets the odd one."""
-    worker = max(1, n // 2)
-    return max(1, n - worker), worker
-
-
-def share_cpu_threads(n: int) -> tuple[int, int]:
-    """On the cpu layout: this process (the trainer) takes its share of ``n`` cores now, and the
-    inference worker it spawns takes the rest (mathpt.runtime.worker.apply_thread_share), so
-    the two do not oversubscribe the machine (a 2 s rollout batch took 8-25 s beside training)."""
-    from mathpt.runtime.worker import WORKER_THREADS_ENV, set_cpu_threads
-
-    trainer, worker = split_cores(n)
-    set_cpu_threads(trainer)
-    os.environ[WORKER_THREADS_ENV] = str(worker)
-    log.info("cpu threads: trainer %d, inference worker %d (of %d)", trainer, worker, n)
-    return trainer, worker
-
-
 def run_script(smk: Any, main: Callable[[Any, dict], None], gpus: int = 0) -> None:
     """Run ``main(snakemake, cfg)`` for a rule; ``cfg`` is the rule's config slice from ``params.cfg``.
 

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from mathpt.pipeline import run_script, share_cpu_threads
+from mathpt.pipeline import run_script
+from mathpt.runtime.worker import share_cpu_threads
 from mathpt.secrets import scrub
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 
 import numpy as np
@@ -25,10 +26,15 @@ def load_policy(cfg: dict, init_dir: str) -> tuple[torch.nn.Module, object, str]
     """
     from mathpt.gpus import devices_for
     from mathpt.models import load_model, load_tokenizer
+    from mathpt.runtime.worker import WORKER_THREADS_ENV, share_cpu_threads
     from mathpt.train.compile import compile_layers
 
     set_seed(cfg["seed"])
     trainer_device, worker_device = devices_for(cfg["runtime"]["layout"])
+    if worker_device == "cpu" and not os.environ.get(WORKER_THREADS_ENV):
+        # The worker shares this machine's cores: split them once (scripts/train.py does it with the
+        # rule's threads); two processes with all cores each ran a PG step 10-30x slower.
+        share_cpu_threads(torch.get_num_threads())
     model = load_model(init_dir, dtype=DTYPES[cfg["dtype"]], device=trainer_device)
     model.train()
     if model.device.type == "cuda":

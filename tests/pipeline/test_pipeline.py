@@ -276,7 +276,7 @@ def test_job_log_holds_child_process_output(tmp_path, fail):
 
 @pytest.mark.parametrize("n, want", [(1, (1, 1)), (2, (1, 1)), (3, (2, 1)), (8, (4, 4))])
 def test_split_cores(n, want):
-    from mathpt.pipeline import split_cores
+    from mathpt.runtime.worker import split_cores
 
     assert split_cores(n) == want
 
