@@ -22,6 +22,7 @@ TARGETS = ["results/eval/grpo_clip-seed0/gsm8k.jsonl", "results/eval/sft-seed0/g
 
 
 def _run(root: Path) -> Path:
+    root.mkdir(parents=True)
     for part in WORKFLOW_PARTS:
         src = REPO / part
         (shutil.copytree if src.is_dir() else shutil.copy)(src, root / part)
