@@ -32,7 +32,7 @@ import os
 import random
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -110,10 +110,6 @@ class APITeacherSettings:
         if self.top_p is not None:
             p["top_p"] = self.top_p
         return p
-
-    def public_dict(self) -> dict:
-        """Settings for summaries/provenance (holds the env variable's *name*, never its value)."""
-        return asdict(self)
 
 
 def refuse_credentials(cfg: dict) -> None:

@@ -26,7 +26,6 @@ samples of a group are independent and a rerun draws the same ones.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -47,8 +46,6 @@ from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_k
 from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
 from mathpt.train.steps import compute_old_log_probs, pg_update, response_lengths
 from mathpt.train.validation import EvalTracker, load_prompts, score, val_params
-
-log = logging.getLogger("mathpt.train.pg")
 
 
 def sample_seeds(run_seed: int, step: int, n_prompts: int, group_size: int) -> tuple[int, ...]:

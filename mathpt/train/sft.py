@@ -12,7 +12,6 @@ and logged at the step their weights came from.
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import time
@@ -32,8 +31,6 @@ from mathpt.train.packing import row_lengths
 from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
 from mathpt.train.steps import sft_update, token_budget_microbatches
 from mathpt.train.validation import EvalTracker, load_prompts, val_params
-
-log = logging.getLogger("mathpt.train.sft")
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
