@@ -4,8 +4,12 @@
 rollout batch and makes ``epochs`` x (batch / minibatch) optimizer steps on it; the old log-probs
 are those of the behaviour policy, the weights that generated the rollouts (given by the caller,
 who keeps those weights when rollouts run ahead, see ``train/pg.py``; computed here once before the
-first step when the batch is on-policy), so GRPO-clip's ratio is pi_theta / pi_behaviour. Forward/backward run under autocast (bf16 by default), log-probs and entropy
-through the chunked head in ``mathpt.functional`` (no full fp32 logits).
+first step when the batch is on-policy), so GRPO-clip's ratio is pi_theta / pi_behaviour.
+Forward/backward run in the model's own dtype unless ``autocast_dtype`` is given (the trainers pass
+None: a bf16 model computes in bf16, its fp32 master weights live in the optimizer); log-probs and
+entropy go through the chunked head (``mathpt.logprob_kernel``, no full fp32 logits). Microbatches
+are cut by rows or by a token budget, optionally packed (``mathpt.train.packing``); the gradient of
+an optimizer step does not depend on the cut.
 """
 
 from __future__ import annotations
