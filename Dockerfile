@@ -7,7 +7,7 @@
 # -v .../results: the pipeline's outputs (tables, plots, checkpoints, logs); without a volume they
 #   vanish with the container. The Hugging Face cache volume keeps model and dataset downloads.
 # A local GSM8K copy instead of the hub: -v /path/to/gsm8k:/data/gsm8k -e MATHPT_GSM8K_DIR=/data/gsm8k
-# Another config: append e.g. `snakemake --cores all --configfile config/gsm8k-cpu.yaml all`.
+# Another config: append e.g. `snakemake all --cores all --configfile config/gsm8k-cpu.yaml`.
 FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
@@ -24,4 +24,4 @@ RUN pip install -U pip && pip install -e ".[gpu]"
 COPY . .
 VOLUME ["/app/results"]
 
-CMD ["snakemake", "--cores", "all", "--configfile", "config/qwen2.5-math-1.5b.yaml", "--resources", "gpu=2", "all"]
+CMD ["snakemake", "all", "--cores", "all", "--configfile", "config/qwen2.5-math-1.5b.yaml", "--resources", "gpu=2"]

@@ -21,14 +21,15 @@ $(VENV)/.installed: pyproject.toml
 
 # CONFIG=config/gsm8k-cpu.yaml (or any config/*.yaml) for another experiment than the quick start.
 run: setup
-	$(SNAKEMAKE) --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG)) all
+	$(SNAKEMAKE) all --cores $(CORES) $(if $(CONFIG),--configfile $(CONFIG))
 	$(SNAKEMAKE) --cores 1 $(if $(CONFIG),--configfile $(CONFIG)) --report results/report.html
 	@$(PY) -m mathpt.outputs results
 
 # results/summary.md (the run's report, which the README's tables copy) from a finished run's outputs;
-# CONFIG=config/arith.yaml for another experiment.
+# CONFIG=config/arith.yaml for another experiment. Targets go before --configfile, which takes
+# several files and would read a target after it as one more.
 summary: setup
-	$(SNAKEMAKE) --cores 1 $(if $(CONFIG),--configfile $(CONFIG)) results/summary.md
+	$(SNAKEMAKE) results/summary.md --cores 1 $(if $(CONFIG),--configfile $(CONFIG))
 
 test: setup
 	$(VENV)/bin/pytest -q --timeout=1800
