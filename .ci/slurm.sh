@@ -3,7 +3,7 @@
 #   bash .ci/slurm.sh         install (Debian packages) and start munged, slurmctld, slurmd; idempotent:
 #                             returns at once when `sinfo` already answers with a usable node
 #   bash .ci/slurm.sh stop    stop only the daemons this script started (by the pids it recorded)
-# Choices (verified in ../shared/DESIGN.md, SLURM section): linuxproc process tracking and no task
+# Choices (verified on this project's CI machine, 2026-12-01): linuxproc process tracking and no task
 # plugin (no cgroups in a container), cons_tres with CR_Core_Memory so jobs share the node by cores and
 # memory, DefMemPerCPU so a job without --mem does not take the whole node, no accounting, and a
 # MinJobAge long enough for the plugin's `squeue` status command (>= 3 x its initial status wait).

@@ -43,6 +43,32 @@ def gsm8k_train_rows(gsm8k_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
+# The keys every teacher's trace rows carry (the traces contract checked by the teacher tests).
+TRACE_KEYS = {
+    "id",
+    "question",
+    "answer",
+    "prompt",
+    "response",
+    "teacher",
+    "teacher_answer",
+    "correct",
+    "sample_index",
+    "finish_reason",
+    "reject_reason",
+}
+
+
+def data_rows(raw: list[dict], n: int, start: int = 0) -> list[dict]:
+    """Contract rows (id, question, solution, answer) of raw GSM8K-format records, as the data rule
+    writes them (``mathpt.data.to_row``), ids ``train-00000``..."""
+    from mathpt.data import to_row
+
+    return [
+        to_row(r, f"train-{i:05d}", f"row {i}") for i, r in enumerate(raw[start : start + n], start=start)
+    ]
+
+
 @pytest.fixture(scope="session")
 def word_problems() -> list[dict]:
     """2,000 raw GSM8K-format rows (``question``, ``answer`` ending ``#### N``) from the arith generator."""

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+from conftest import TRACE_KEYS
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -19,19 +20,6 @@ from mathpt.teachers.cleaning import (
     strip_answer_statement,
 )
 
-TRACE_KEYS = {
-    "id",
-    "question",
-    "answer",
-    "prompt",
-    "response",
-    "teacher",
-    "teacher_answer",
-    "correct",
-    "sample_index",
-    "finish_reason",
-    "reject_reason",
-}
 ROW = {"id": "train-00007", "question": "Tom has 3 bags of 6 apples. How many apples?", "answer": "18"}
 
 # Shaped like DeepSeek-R1's final content on a GSM8K problem.

@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import pytest
+from conftest import TRACE_KEYS
 
 from mathpt.data import parse_gsm8k_answer
 from mathpt.io import DataError, MathptError
 from mathpt.prompts import format_prompt
 from mathpt.rewards import get_reward_fn
 from mathpt.teachers.gold import gold_traces
-
-TRACE_KEYS = {
-    "id",
-    "question",
-    "answer",
-    "prompt",
-    "response",
-    "teacher",
-    "teacher_answer",
-    "correct",
-    "sample_index",
-    "finish_reason",
-    "reject_reason",
-}
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import data_rows
 from fake_openai_server import TEST_KEY, FakeOpenAIServer, default_answer
 
 from mathpt.io import DataError, MathptError, read_json, read_jsonl
@@ -33,24 +34,9 @@ KEY_ENV = "MATHPT_TEST_TEACHER_KEY"
 PRICES = {"prompt": 0.55, "completion": 2.19}
 
 
-def _rows(raw: list[dict], n: int, start: int = 0) -> list[dict]:
-    out = []
-    for i, r in enumerate(raw[start : start + n], start=start):
-        sol, _, ans = r["answer"].rpartition("####")
-        out.append(
-            {
-                "id": f"train-{i:05d}",
-                "question": r["question"],
-                "solution": sol.strip(),
-                "answer": ans.strip().replace(",", ""),
-            }
-        )
-    return out
-
-
 @pytest.fixture
 def rows(word_problems) -> list[dict]:
-    return _rows(word_problems, 8)
+    return data_rows(word_problems, 8)
 
 
 def _answerer(rows: list[dict]):
@@ -171,7 +157,7 @@ def test_every_retryable_fault_is_survived_counted_and_resumable(server, rows, k
 
 
 def test_non_retryable_error_stops_the_run_at_once(server, word_problems, key_env, tmp_path):
-    rows = _rows(word_problems, 20)
+    rows = data_rows(word_problems, 20)
     srv = server(faults={rows[0]["question"]: ["400"]}, delay_s=0.3)
     out = tmp_path / "t.jsonl"
     t0 = time.monotonic()
@@ -407,7 +393,7 @@ def _run_teacher_cmd(tmp_path: Path, cfg: dict, rows: list[dict]) -> list[str]:
 
 @pytest.mark.slow
 def test_sigkill_mid_run_and_resume_pays_no_completed_call_twice(server, word_problems, tmp_path):
-    rows = _rows(word_problems, 12)
+    rows = data_rows(word_problems, 12)
     srv = server(stall_after=5)
     cmd = _run_teacher_cmd(tmp_path, _cfg(srv.base_url, concurrency=3, request_timeout_s=60), rows)
     env = {**os.environ, KEY_ENV: TEST_KEY, "PYTHONPATH": str(REPO)}
@@ -452,7 +438,7 @@ def test_real_vllm_serve_tiny_model(tiny_model_dir, word_problems, tmp_path, mon
     pytest.importorskip("vllm")
     import urllib.request
 
-    rows = _rows(word_problems, 8)
+    rows = data_rows(word_problems, 8)
     port, key = _free_port(), "sk-local-vllm-key-for-the-test-987654"
     t0 = time.monotonic()
     log = open(tmp_path / "vllm.log", "w")

@@ -6,6 +6,7 @@ import dataclasses
 import shutil
 
 import pytest
+from conftest import data_rows
 
 import mathpt.engines
 from mathpt.engines import Generation, SamplingConfig
@@ -16,24 +17,9 @@ from mathpt.teachers.dispatch import generate_traces, select_traces, summary_pat
 from mathpt.teachers.local import model_fingerprint
 
 
-def _rows(raw: list[dict], n: int) -> list[dict]:
-    out = []
-    for i, r in enumerate(raw[:n]):
-        sol, _, ans = r["answer"].rpartition("####")
-        out.append(
-            {
-                "id": f"train-{i:05d}",
-                "question": r["question"],
-                "solution": sol.strip(),
-                "answer": ans.strip().replace(",", ""),
-            }
-        )
-    return out
-
-
 @pytest.fixture
 def rows(word_problems) -> list[dict]:
-    return _rows(word_problems, 4)
+    return data_rows(word_problems, 4)
 
 
 class ScriptedEngine:
