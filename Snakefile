@@ -6,7 +6,12 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
+# A named config (--configfile) means exactly that file plus the schema's defaults: the quick start is
+# loaded only when none is named, because Snakemake would merge a named file over it and the quick
+# start's keys (an arith-only teacher key, its batch sizes) would leak into every other experiment.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
 
 
 include: "rules/common.smk"

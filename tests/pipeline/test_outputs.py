@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import random
 
+import pytest
+
 from mathpt.outputs import summary, table_lines
 
 
@@ -59,3 +61,34 @@ def test_summary_lists_only_what_exists(tmp_path):
     (tmp_path / "plots").mkdir()
     text = summary(tmp_path)
     assert "plots" in text and "HTML report" not in text and "ci_table.csv" not in text
+
+
+@pytest.mark.slow
+def test_make_dag_works_in_a_fresh_copy(tmp_path):
+    """`make dag` on a fresh clone: no results/ yet, no --cores given by the user; the SVG only with dot."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    for part in ["Snakefile", "Makefile", "rules", "scripts", "config", "report", "profiles", "envs"]:
+        src = repo / part
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, tmp_path / part)
+    venv = Path(sys.executable).parent.parent
+    # -o: the venv exists already (make test made it); do not rebuild it from this copy's files
+    proc = subprocess.run(
+        ["make", "-o", f"{venv}/.installed", "dag", f"VENV={venv}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "flowchart" in (tmp_path / "results" / "rulegraph.mmd").read_text()
+    dot = (tmp_path / "results" / "dag.dot").read_text()
+    assert "digraph" in dot and "train" in dot
+    if shutil.which("dot"):
+        assert (tmp_path / "results" / "dag.svg").read_text().lstrip().startswith("<?xml")
+    else:
+        assert "apt-get install graphviz" in proc.stdout
