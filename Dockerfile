@@ -7,8 +7,12 @@
 # -v .../results: the pipeline's outputs (tables, plots, checkpoints, logs); without a volume they
 #   vanish with the container. The Hugging Face cache volume keeps model and dataset downloads.
 # A local GSM8K copy instead of the hub: -v /path/to/gsm8k:/data/gsm8k -e MATHPT_GSM8K_DIR=/data/gsm8k
-# Another config: append e.g. `snakemake all --cores all --configfile config/gsm8k-cpu.yaml`.
-FROM nvidia/cuda:12.8.1-cudnn-devel-ubuntu24.04
+# Another config: append e.g. `snakemake all --cores all --configfile config/qwen2.5-math-1.5b-1gpu.yaml
+#   --resources gpu=1` (one GPU).
+# CUDA 13.0 base: vLLM 0.26.0 pins torch 2.11.0, whose PyPI wheels are built for CUDA 13.0 (and bring
+# their own CUDA libraries, cuDNN included). The host needs an NVIDIA driver >= 580 (CUDA 13.0's
+# minimum); the lent H100/H200 machines run 580.159. Python 3.12 (Ubuntu 24.04), as on those machines.
+FROM nvidia/cuda:13.0.1-devel-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN apt-get update && apt-get install -y --no-install-recommends \

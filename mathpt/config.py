@@ -102,6 +102,12 @@ def _check_consistency(config: dict) -> None:
             raise ConfigError(
                 f"config key 'train.pg.microbatch_size': must divide the minibatch_size of {algo}"
             )
+    teacher = config["teacher"]
+    if teacher["kind"] != "gold" and teacher.get("unformatted_fraction", 0.0):
+        raise ConfigError(
+            f"config key 'teacher.unformatted_fraction': only the gold teacher takes it (teacher.kind is "
+            f"{teacher['kind']!r}); remove the key"
+        )
     if config["model"]["kind"] == "pretrained" and not config["model"].get("path"):
         raise ConfigError("config key 'model.path': required when model.kind is 'pretrained'")
     if config["model"]["kind"] == "tiny" and not config["model"].get("tiny"):

@@ -106,7 +106,7 @@ def generate_traces(
         if missing:
             raise MathptError(f"traces input row {n} (id={r.get('id', '?')}): missing key(s) {missing}")
     _check_keys(teacher_cfg)
-    if kind != "gold" and "unformatted_fraction" in teacher_cfg:
+    if kind != "gold" and teacher_cfg.get("unformatted_fraction", 0.0):
         raise MathptError("config key 'teacher.unformatted_fraction': only the gold teacher takes it")
     work_dir = Path(work_dir)
     t0 = time.time()

@@ -164,3 +164,32 @@ def test_shipped_config_dry_runs(workflow_copy, path):
     out = proc.stdout + proc.stderr
     for rule in ("data", "base_model", "traces", "tokenize", "train", "eval_gsm8k", "eval_lm", "ci_table"):
         assert rule in out, (rule, out[-2000:])
+
+
+def test_a_misspelt_teacher_key_fails_validation_naming_it():
+    cfg = yaml.safe_load((REPO / "config" / "qwen2.5-math-1.5b.yaml").read_text())
+    cfg["teacher"]["concurency"] = 8
+    with pytest.raises(ConfigError, match=r"config key 'teacher'.*concurency"):
+        validate_config(cfg)
+
+
+def test_unformatted_fraction_is_refused_for_a_non_gold_teacher_at_validation():
+    cfg = yaml.safe_load((REPO / "config" / "qwen2.5-math-1.5b.yaml").read_text())
+    validate_config(copy.deepcopy(cfg))  # the schema's default 0.0 is no error
+    cfg["teacher"]["unformatted_fraction"] = 0.7
+    with pytest.raises(ConfigError, match=r"teacher\.unformatted_fraction.*only the gold teacher"):
+        validate_config(cfg)
+
+
+def test_schema_teacher_keys_are_the_teachers_settings():
+    """Every key a teacher reads is in the schema (which refuses others), and nothing more."""
+    from dataclasses import fields
+
+    from mathpt.teachers.api import APITeacherSettings
+    from mathpt.teachers.local import LocalTeacherSettings
+
+    schema = load_schema()
+    in_schema = set(schema["properties"]["teacher"]["properties"])
+    read = {"kind", "keep", "unformatted_fraction", "reasoning_source"}
+    read |= {f.name for f in fields(APITeacherSettings)} | {f.name for f in fields(LocalTeacherSettings)}
+    assert in_schema == read
