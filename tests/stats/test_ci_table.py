@@ -351,3 +351,30 @@ def test_naming_helpers():
         ("grpo_clip", "no_baseline"),
     ]
     assert len(ci_table.declared_comparisons(["base", *ci_table.ALGOS])) == 10
+
+
+def test_accuracy_table_kshot_column(tmp_path, evals):
+    """Eval rows carrying the secondary k-shot grade give acc_kshot with its own CI; `acc` stays primary."""
+    paths, scores = evals
+    rng = np.random.default_rng(3)
+    kshot = {}
+    for model, seeds in paths.items():
+        for s, path in seeds.items():
+            rows = [json.loads(line) for line in open(path)]
+            k = rng.random(N) < 0.3
+            for r in rows:
+                r["kshot_correct"] = bool(k[r["index"]])
+            open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
+            kshot[(model, s)] = k.astype(float)
+    rows = ci_table.build_accuracy_table(paths, tmp_path / "acc.csv", META, n_resamples=R)
+    r = next(r for r in rows if (r["model"], r["seed"]) == ("sft", 1))
+    k = int(kshot[("sft", 1)].sum())
+    assert r["acc"] == pytest.approx(scores[("sft", 1)].mean()) and r["acc_kshot"] == pytest.approx(k / N)
+    assert (r["kshot_ci_low"], r["kshot_ci_high"]) == pytest.approx(stats.wilson_ci(k, N))
+    pooled = next(r for r in rows if (r["model"], r["seed"]) == ("sft", "pooled"))
+    ref = stats.seeds_problems_interval(np.stack([kshot[("sft", 0)], kshot[("sft", 1)]]))
+    assert (pooled["acc_kshot"], pooled["kshot_ci_low"]) == pytest.approx((ref["mean"], ref["ci_low"]))
+    # the comparison table compares the primary eval only
+    ci = ci_table.build_ci_table(paths, tmp_path / "ci.csv", META, n_resamples=R)
+    row = next(r for r in ci if (r["model_a"], r["model_b"], r["seed"]) == ("sft", "base", 1))
+    assert row["acc_a"] == pytest.approx(scores[("sft", 1)].mean())
