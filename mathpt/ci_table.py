@@ -7,20 +7,20 @@ seed is an int (None for an unseeded model such as base). Model names in file na
 
 Seeds are paired by number (seed s of A with seed s of B: they share data order and, for PG
 variants started from SFT, the SFT init); an unseeded model is paired with every seed of the
-other. Each pairing gives a row whose interval is the paired bootstrap over test problems (it
-knows nothing of training-seed variance). With two or more seeds a "pooled" row adds a
-t-interval on the per-seed differences (df = n_seeds - 1, ``stats.compare_seeds``), the interval
-to cite: it keeps its coverage when seeds disagree, which a bootstrap over 3 seeds does not. The
-``ci_covers`` column says in words what each row's interval covers; with a single seed it says
-that between-seed variance is not covered. Rows hold what was scored and its provenance, so a CSV
-line is readable on its own.
+other. With two or more seeds the headline row of a comparison is the "pooled" row: a t-interval
+that covers both training-seed and test-problem noise (``stats.seeds_problems_interval``); the
+per-seed rows (paired bootstrap over problems) stay as labelled diagnostics (``family``
+"diagnostic", no Holm). With one seed the single row is the headline and its ``ci_covers`` says that
+between-seed variance is not covered. ``mde80`` is the smallest difference the design detects
+with 80% power at two-sided 5% (from the row's SE and df); ``mde80_holm`` the same at the level
+Holm's first step uses for the primary family (0.05 / its size).
 
-Multiple comparisons: Holm's adjustment runs over the declared family *within each seed group*
-(all rows with seed 0 form one family, seed 1 another, ..., the pooled rows another). Each seed
-is a replicate of the whole experiment, so its family is the set of questions asked of that
-replicate; pooling the seed rows into one family would count the same question several times.
-Per-seed rows with 0/1 scores are tested with exact McNemar, continuous ones with the bootstrap p,
-pooled rows with the t-test p (``p_method`` says which p was Holm-adjusted).
+Multiple comparisons: the primary comparisons are declared up front (``family`` "primary": each
+policy-gradient variant vs SFT, and GRPO-clip vs REINFORCE with baseline); Holm's adjustment runs
+over the primary headline rows. Every other comparison (vs base, other PG pairs) is
+``exploratory`` and gets its own Holm over the exploratory headline rows. Headline rows with 0/1
+scores and one seed are tested with exact McNemar, continuous ones with the bootstrap p, pooled
+rows with the seeds x problems t (``p_method`` says which p was Holm-adjusted).
 
 accuracy.csv also carries, per run, what the accuracy is made of (from the eval rows): the format
 rate (the style's answer format was found), the accuracy ignoring format (the final answer is right
@@ -64,6 +64,10 @@ CI_COLUMNS = [
     "ci_method",
     "ci_df",
     "ci_covers",
+    "family",
+    "mde80",
+    "mde80_holm",
+    "se_combined",
     "se_paired",
     "se_boot",
     "se_seeds",
@@ -104,6 +108,9 @@ ACC_COLUMNS = [
     "format_rate",
     "truncated_fraction",
     "mean_generated_tokens",
+    "acc_kshot",
+    "kshot_ci_low",
+    "kshot_ci_high",
     "n_resamples",
     "n_seeds",
     "bootstrap_seed",
@@ -111,10 +118,11 @@ ACC_COLUMNS = [
     "task_versions",
 ]
 # What each kind of interval covers, in words, for the ci_covers column.
-COVERS_PROBLEMS = "test problems (this seed only)"
 COVERS_ONE_SEED = "test problems only: one training seed, so between-seed variance is NOT covered"
-COVERS_SEEDS = "training seeds: t over per-seed values, on these test problems"
+COVERS_SEEDS = "training seeds and test problems: two-way t (seeds x problems)"
+COVERS_DIAGNOSTIC = "test problems (this seed only): a diagnostic, the pooled row is the interval to cite"
 COVERS_UNSEEDED = "test problems (an untrained model: no training seed to vary)"
+KSHOT_KEY = "kshot_correct"  # the secondary k-shot eval's grade in each eval row (gsm8k_eval)
 REG_COLUMNS = ["task", "metric"] + [c for c in CI_COLUMNS if c not in ("benchmark", "scorer")]
 
 Runs = Mapping[str, Mapping[int | None, Any]]
@@ -134,14 +142,31 @@ def group_runs(named: Mapping[str, Any]) -> dict[str, dict[int | None, Any]]:
     return out
 
 
-def declared_comparisons(models: Iterable[str]) -> list[tuple[str, str]]:
-    """The declared family, restricted to the models present, as (model_a, model_b) = A - B:
-    each trained model vs base, each PG variant vs SFT, and the PG variants pairwise."""
+PRIMARY_PAIRWISE = ("grpo_clip", "reinforce_with_baseline")  # pre-declared A - B, when both are trained
+
+
+def primary_comparisons(models: Iterable[str]) -> list[tuple[str, str]]:
+    """The pre-declared primary family among the models present: each policy-gradient variant
+    (``mathpt.algorithms.PG_ALGOS``) vs SFT, and GRPO-clip vs REINFORCE with baseline."""
     present = set(models)
-    pairs = [(a, BASE) for a in ALGOS]
-    pairs += [(a, "sft") for a in PG_ALGOS]
-    pairs += [(PG_ALGOS[j], PG_ALGOS[i]) for i in range(len(PG_ALGOS)) for j in range(i + 1, len(PG_ALGOS))]
+    pairs = [(a, "sft") for a in PG_ALGOS] + [PRIMARY_PAIRWISE]
     return [(a, b) for a, b in pairs if a in present and b in present]
+
+
+def declared_comparisons(models: Iterable[str]) -> list[tuple[str, str]]:
+    """Every comparison made, primary first, as (model_a, model_b) = A - B: the primary family, then
+    (exploratory) each trained model vs base and the other PG variants pairwise."""
+    present = set(models)
+    primary = primary_comparisons(present)
+    done = set(primary) | {(b, a) for a, b in primary}
+    pairs = [(a, BASE) for a in ALGOS]
+    pairs += [(PG_ALGOS[j], PG_ALGOS[i]) for i in range(len(PG_ALGOS)) for j in range(i + 1, len(PG_ALGOS))]
+    return primary + [(a, b) for a, b in pairs if a in present and b in present and (a, b) not in done]
+
+
+def family_of(a: str, b: str) -> str:
+    """ "primary" for a pre-declared comparison (``primary_comparisons``), else "exploratory"."""
+    return "primary" if (a, b) in primary_comparisons([a, b]) else "exploratory"
 
 
 # ----------------------------------------------------------------------------- CSV
@@ -224,19 +249,31 @@ def _pairings(runs: Runs, a: str, b: str) -> list[tuple[int | None, int | None]]
     return [(s, s) for s in sorted(sa)]
 
 
-def _apply_holm(rows: list[dict]) -> None:
-    groups: dict[str, list[dict]] = {}
+def _apply_holm(rows: list[dict], alpha: float = stats.ALPHA) -> None:
+    """Holm within each family over its headline rows; diagnostic rows get none. Also mde80_holm."""
+    p_key = {"mcnemar_exact": "mcnemar_p", "bootstrap": "boot_p", "seeds_problems_t": "t_p"}
+    families: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault(str(r["seed"]), []).append(r)
-    p_key = {"mcnemar_exact": "mcnemar_p", "bootstrap": "boot_p", "t_seeds": "t_p"}
-    for group in groups.values():
-        p = [r[p_key[r["p_method"]]] for r in group]
-        for r, h in zip(group, stats.holm(p), strict=True):
+        if r["family"] != "diagnostic":
+            families.setdefault(r["family"], []).append(r)
+    for fam, group in families.items():
+        for r, h in zip(group, stats.holm([r[p_key[r["p_method"]]] for r in group]), strict=True):
             r["holm_p"] = float(h)
+            if fam == "primary":
+                r["mde80_holm"] = stats.mde(r["_se"], r["_df"], alpha / len(group))
+    for r in rows:
+        r.pop("_se", None)
+        r.pop("_df", None)
 
 
 def _comparison_rows(
-    runs: Runs, reader, comparisons: Sequence[tuple[str, str]], n_resamples: int, seed: int, alpha: float
+    runs: Runs,
+    reader,
+    comparisons: Sequence[tuple[str, str]],
+    n_resamples: int,
+    seed: int,
+    alpha: float,
+    family_of_fn=None,
 ) -> list[dict]:
     """Rows without meta columns or Holm: one per seed pairing (+ pooled) per comparison."""
     for a, b in comparisons:
@@ -258,7 +295,8 @@ def _comparison_rows(
             "n_resamples": n_resamples,
             "bootstrap_seed": seed,
         }
-        covers = COVERS_PROBLEMS if len(pairs) >= 2 else COVERS_ONE_SEED
+        several = len(pairs) >= 2
+        family = family_of(a, b) if family_of_fn is None else family_of_fn(a, b)
         for sa, sb in pairs:
             ia, ib = pos[(a, sa)], pos[(b, sb)]
             r = stats.compare_single(matrix[ia], matrix[ib], boot[ia], boot[ib], alpha)
@@ -269,9 +307,14 @@ def _comparison_rows(
                     **base,
                     "seed": "" if s is None else s,
                     "n_seeds": 1,
-                    "ci_covers": covers,
+                    "ci_covers": COVERS_DIAGNOSTIC if several else COVERS_ONE_SEED,
+                    "family": "diagnostic" if several else family,
                     "p_method": "mcnemar_exact" if binary else "bootstrap",
                     **r,
+                    # problem-only normal test: its SE and df = inf
+                    "mde80": stats.mde(r["se_paired"], math.inf, alpha),
+                    "_se": r["se_paired"],
+                    "_df": math.inf,
                 }
             )
         if len(pairs) >= 2:
@@ -283,11 +326,15 @@ def _comparison_rows(
                     **base,
                     "seed": "pooled",
                     "n_seeds": len(pairs),
-                    "p_method": "t_seeds",
-                    "ci_method": "t_over_seeds",
+                    "p_method": "seeds_problems_t",
+                    "ci_method": "seeds_x_problems_t",
                     "ci_covers": COVERS_SEEDS,
+                    "family": family,
                     "n_resamples": None,
                     **r,
+                    "mde80": stats.mde(r["se_combined"], r["ci_df"], alpha),
+                    "_se": r["se_combined"],
+                    "_df": r["ci_df"],
                 }
             )
     return rows
@@ -357,6 +404,24 @@ def eval_rates(path: str | os.PathLike) -> dict[str, float]:
     return out
 
 
+def _interval(x: np.ndarray, boot: np.ndarray, n: int, alpha: float) -> dict:
+    """One run's accuracy CI: Wilson for 0/1 scores, else the bootstrap percentile."""
+    if stats.is_binary(x):
+        k = int(x.sum())
+        lo, hi = stats.wilson_ci(k, n, alpha)
+        return {"ci_low": lo, "ci_high": hi, "ci_method": "wilson", "n_correct": k}
+    lo, hi = stats.percentile_ci(boot, alpha)
+    return {"ci_low": lo, "ci_high": hi, "ci_method": "bootstrap_percentile", "n_correct": None}
+
+
+def _kshot_scores(evals: Runs, keys: list) -> np.ndarray | None:
+    """The secondary k-shot eval's (runs, n) 0/1 matrix, or None when the eval files have none."""
+    first = evals[keys[0][0]][keys[0][1]]
+    if not stats.has_eval_key(first, KSHOT_KEY):
+        return None
+    return stats.align({model_name(*k): stats.read_eval_scores(evals[k[0]][k[1]], KSHOT_KEY) for k in keys})
+
+
 def build_accuracy_table(
     evals: Runs,
     out_csv: str | os.PathLike,
@@ -365,47 +430,54 @@ def build_accuracy_table(
     seed: int = 0,
     alpha: float = stats.ALPHA,
 ) -> list[dict]:
-    """Per-run accuracy with a 95% CI (Wilson for 0/1 scores, bootstrap percentile otherwise) and
-    the eval rates (``eval_rates``), plus a pooled row per model with two or more seeds: the mean
-    over seeds with a t-interval over the per-seed accuracies (df = n_seeds - 1) and mean rates."""
+    """Per-run accuracy of the primary eval with a 95% CI (Wilson for 0/1 scores, bootstrap
+    percentile otherwise) and the eval rates (``eval_rates``); when the eval rows carry the secondary
+    k-shot eval (``kshot_correct``), ``acc_kshot`` with its CI too. Plus a pooled row per model with
+    two or more seeds: the mean over seeds and problems with the seeds x problems t-interval
+    (``stats.seeds_problems_interval``) and mean rates."""
     cols = _meta_cols(meta, META_KEYS)
     keyed, matrix, keys = _load(evals, stats.read_eval_scores)
+    kshot = _kshot_scores(evals, keys)
     boot = stats.bootstrap_means(matrix, n_resamples, seed)
+    boot_k = stats.bootstrap_means(kshot, n_resamples, seed) if kshot is not None else None
     n = matrix.shape[1]
     rows = []
     common = {**cols, "n": n, "ci_level": 1 - alpha, "n_resamples": n_resamples, "bootstrap_seed": seed}
     for model in evals:
         idx = [i for i, k in enumerate(keys) if k[0] == model]
-        covers = COVERS_PROBLEMS if len(idx) >= 2 else COVERS_ONE_SEED
+        covers = COVERS_DIAGNOSTIC if len(idx) >= 2 else COVERS_ONE_SEED
         rates = []
         for i in idx:
-            x = matrix[i]
             s = keys[i][1]
             rates.append(eval_rates(evals[model][s]))
-            if stats.is_binary(x):
-                k = int(x.sum())
-                lo, hi = stats.wilson_ci(k, n, alpha)
-                extra = {"ci_method": "wilson", "n_correct": k}
-            else:
-                lo, hi = stats.percentile_ci(boot[i], alpha)
-                extra = {"ci_method": "bootstrap_percentile", "n_correct": None}
+            sec = {}
+            if kshot is not None:
+                ci = _interval(kshot[i], boot_k[i], n, alpha)
+                sec = {
+                    "acc_kshot": float(kshot[i].mean()),
+                    "kshot_ci_low": ci["ci_low"],
+                    "kshot_ci_high": ci["ci_high"],
+                }
             rows.append(
                 {
                     **common,
                     "model": model,
                     "seed": "" if s is None else s,
-                    "acc": float(x.mean()),
-                    "ci_low": lo,
-                    "ci_high": hi,
+                    "acc": float(matrix[i].mean()),
                     "n_seeds": 1,
-                    **extra,
+                    **_interval(matrix[i], boot[i], n, alpha),
                     **rates[-1],
+                    **sec,
                     "ci_covers": COVERS_UNSEEDED if s is None else covers,
                 }
             )
         if len(idx) >= 2:
-            t = stats.seed_t_interval(matrix[idx].mean(1), alpha)
+            t = stats.seeds_problems_interval(matrix[idx], alpha)
             mean_rates = {k: float(np.mean([r[k] for r in rates])) for k in rates[0]}
+            sec = {}
+            if kshot is not None:
+                tk = stats.seeds_problems_interval(kshot[idx], alpha)
+                sec = {"acc_kshot": tk["mean"], "kshot_ci_low": tk["ci_low"], "kshot_ci_high": tk["ci_high"]}
             rows.append(
                 {
                     **common,
@@ -415,12 +487,13 @@ def build_accuracy_table(
                     "ci_low": t["ci_low"],
                     "ci_high": t["ci_high"],
                     "ci_df": t["df"],
-                    "ci_method": "t_over_seeds",
+                    "ci_method": "seeds_x_problems_t",
                     "ci_covers": COVERS_SEEDS,
                     "n_correct": None,
                     "n_seeds": len(idx),
                     "n_resamples": None,
                     **mean_rates,
+                    **sec,
                 }
             )
     write_csv(rows, out_csv, ACC_COLUMNS)
@@ -439,7 +512,8 @@ def build_regressions_table(
 
     per_doc: {model: {seed: {task: per-doc jsonl}}} with rows {"doc_id", "score", "metric"}.
     meta: split, k_shot, decoding, code_version (required), task_versions; a value that is a dict
-    keyed by task is taken per task. Holm runs over all tasks x models within each seed group.
+    keyed by task is taken per task. All rows are exploratory: Holm runs over every task x model
+    headline row (pooled when there are several seeds).
     diff = model - base in the metric's own direction (for perplexity, lower is better).
     """
     if BASE not in per_doc:
@@ -456,7 +530,10 @@ def build_regressions_table(
         comps = [(m, BASE) for m in per_doc if m != BASE]
         cols = _meta_cols(meta, ("split", "k_shot", "decoding", "code_version"), task=task)
         metric = stats.read_per_doc_scores(runs[BASE][next(iter(runs[BASE]))]).metric
-        for r in _comparison_rows(runs, stats.read_per_doc_scores, comps, n_resamples, seed, alpha):
+        exploratory = lambda a, b: "exploratory"  # noqa: E731 - regression checks are not pre-declared
+        for r in _comparison_rows(
+            runs, stats.read_per_doc_scores, comps, n_resamples, seed, alpha, exploratory
+        ):
             rows.append({**cols, "task": task, "metric": metric, **r})
     _apply_holm(rows)
     write_csv(rows, out_csv, REG_COLUMNS)

@@ -125,6 +125,14 @@ def _check_consistency(config: dict) -> None:
                 f"({pg_budget}, as {algo} trains with it): responses that grew under RL would be truncated "
                 "and graded wrong; raise eval.gsm8k.max_new_tokens to at least the PG budget"
             )
+        # The same for the validation curves: a budget below the rollouts' counts long answers wrong.
+        val_budget = pg_config(config, algo)["val_max_new_tokens"]
+        if val_budget < pg_budget:
+            raise ConfigError(
+                f"config key 'train.pg.val_max_new_tokens': {val_budget} is below train.pg.max_new_tokens "
+                f"({pg_budget}, as {algo} trains with it): validation would truncate answers the rollouts "
+                "allow and grade them wrong; raise train.pg.val_max_new_tokens to at least the PG budget"
+            )
 
 
 def load_config(path: str | os.PathLike) -> dict:

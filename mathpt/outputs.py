@@ -41,9 +41,21 @@ def _name(model: str) -> str:
 
 
 def table_lines(ci_csv: Path, limit: int = 12) -> list[str]:
-    """One line per comparison: A - B, the difference and its CI, Holm-adjusted p; pooled rows first."""
+    """One line per comparison: A - B, the difference and its CI, Holm-adjusted p; pooled rows first,
+    primary before exploratory, per-seed diagnostics last."""
     rows = list(csv.DictReader(ci_csv.open(encoding="utf-8")))
-    rows.sort(key=lambda r: (r.get("seed") != "pooled", r["model_a"], r["model_b"]))
+    rows = [r for r in rows if r.get("family") != "diagnostic"] + [
+        r for r in rows if r.get("family") == "diagnostic"
+    ]
+    rank = {"primary": 0, "exploratory": 1}
+    rows.sort(
+        key=lambda r: (
+            r.get("seed") != "pooled",
+            rank.get(r.get("family", ""), 2),
+            r["model_a"],
+            r["model_b"],
+        )
+    )
     lines = [f"  {'comparison':<46} {'diff':>7}  {'95% CI':>17}  {'holm p':>7}"]
     for r in rows[:limit]:
         a, b = (_name(r["model_a"]), _name(r["model_b"]))
@@ -64,8 +76,8 @@ def summary(results: Path) -> str:
     if ci.exists():
         out += [
             "",
-            f"{ci} (accuracy differences on the test split; 95% CIs: paired bootstrap per seed, "
-            "t over seeds for pooled rows):",
+            f"{ci} (accuracy differences on the test split; 95% CIs: pooled rows cover seeds and "
+            "problems, per-seed rows problems only):",
             *table_lines(ci),
         ]
     return "\n".join(out)

@@ -5,16 +5,16 @@ bootstrap resamples *problems* and applies the same resample to every model (one
 table), which keeps the problem-difficulty correlation between models and gives much tighter
 intervals than two independent CIs; exact McNemar tests the same 0/1 pairs.
 
-Across training seeds the unit of replication is the seed, not the problem: seed-to-seed spread
-(data order, init, sampling) is usually larger than test-set noise, and with 3-5 seeds a bootstrap
-over seeds cannot see it (resampling 3 values with replacement has 10 distinct outcomes and
-under-covers badly: about 20% false positives at nominal 5% in simulation). Pooled rows therefore
-use a t-interval on the S per-seed paired differences, df = S - 1 (``seed_t_interval``): exact
-coverage when the per-seed differences are roughly normal, which averages over 1,319 problems
-make them. It covers what varies between seeds (training noise and each model's per-problem
-idiosyncrasies), for the difference on *these* test problems; the per-seed rows' problem
-bootstrap is the interval for new problems from the same distribution. With one seed there is no
-between-seed interval at all: the per-seed rows say so (``ci_table``).
+Across training seeds the headline interval must cover two sources of noise at once: which test
+problems were drawn and which training seeds were run. ``seeds_problems_interval`` treats the S x n
+matrix of per-problem differences D[s, i] as a two-way crossed random-effects layout,
+D = mu + seed_s + problem_i + residual_si, and estimates Var(mean D) = var_seed / S + var_problem / n
++ var_resid / (n S) from the ANOVA mean squares (MS_seed, df S - 1; MS_problem, df n - 1; MS_resid),
+a t-interval with Satterthwaite-type df. A bootstrap over 3-5 seeds under-covers badly (about 20%
+false positives at nominal 5%); a t over the S per-seed differences alone is conditional on these
+test problems (up to 25% false positives when the two models are good at different problems).
+The coverage simulation in tests/stats/test_stats.py checks the combined interval. With one seed there
+is no between-seed interval at all: the per-seed rows say so (``ci_table``).
 
 Scores are float arrays: 0/1 for correctness (McNemar and agreement counts apply) or any real
 per-problem metric (lm-eval per-doc ``acc``, ``word_perplexity``; only the bootstrap and the
@@ -63,13 +63,13 @@ def is_binary(x: np.ndarray) -> bool:
     return bool(np.all((x == 0) | (x == 1)))
 
 
-def _read_scores(path: str | os.PathLike, id_key: str, kind: str) -> RunScores:
+def _read_scores(path: str | os.PathLike, id_key: str, kind: str, key: str = "correct") -> RunScores:
     path = Path(path)
     seen: dict[int, int] = {}
     idx, scores, golds, metrics = [], [], [], set()
     for lineno, row in iter_jsonl_numbered(path):
         where = f"{path}:{lineno}"
-        need = (id_key, "gold", "correct") if kind == "eval" else (id_key, "score", "metric")
+        need = (id_key, "gold", key) if kind == "eval" else (id_key, "score", "metric")
         missing = [k for k in need if k not in row]
         if missing:
             raise DataError(f"{where}: missing key(s) {missing}")
@@ -80,9 +80,9 @@ def _read_scores(path: str | os.PathLike, id_key: str, kind: str) -> RunScores:
             raise DataError(f"{where}: duplicate {id_key} {i} (first on line {seen[i]})")
         seen[i] = lineno
         if kind == "eval":
-            c = row["correct"]
+            c = row[key]
             if not isinstance(c, bool):
-                raise DataError(f"{where}: 'correct' must be true or false, got {c!r}")
+                raise DataError(f"{where}: {key!r} must be true or false, got {c!r}")
             scores.append(float(c))
             golds.append(str(row["gold"]))
         else:
@@ -106,9 +106,17 @@ def _read_scores(path: str | os.PathLike, id_key: str, kind: str) -> RunScores:
     )
 
 
-def read_eval_scores(path: str | os.PathLike) -> RunScores:
-    """Read an eval jsonl (rows with ``index``, ``gold``, ``correct``); score = correct as 0/1."""
-    return _read_scores(path, "index", "eval")
+def read_eval_scores(path: str | os.PathLike, key: str = "correct") -> RunScores:
+    """Read an eval jsonl (rows with ``index``, ``gold``, ``correct``); score = ``key`` as 0/1
+    (``correct``: the primary eval; ``kshot_correct``: the secondary k-shot eval)."""
+    return _read_scores(path, "index", "eval", key)
+
+
+def has_eval_key(path: str | os.PathLike, key: str) -> bool:
+    """Whether the first row of an eval jsonl has ``key``."""
+    for _, row in iter_jsonl_numbered(Path(path)):
+        return key in row
+    return False
 
 
 def read_per_doc_scores(path: str | os.PathLike) -> RunScores:
@@ -261,6 +269,92 @@ def seed_t_interval(x: np.ndarray, alpha: float = ALPHA) -> dict:
     return {k: (v if k == "df" else float(v)) for k, v in r.items()}
 
 
+def seeds_problems_arrays(d: np.ndarray, alpha: float = ALPHA) -> dict[str, np.ndarray]:
+    """``seeds_problems_interval`` over the last two axes of ``d`` (..., S, n), vectorized."""
+    from scipy.stats import t as student_t
+
+    d = np.asarray(d, dtype=np.float64)
+    s_, n = d.shape[-2:]
+    if s_ < 2 or n < 2:
+        raise MathptError(f"a seeds x problems interval needs at least 2 seeds and 2 problems, got {d.shape}")
+    mean = d.mean((-2, -1))
+    by_seed, by_problem = d.mean(-1), d.mean(-2)
+    f_s, f_p, f_r = s_ - 1, n - 1, (s_ - 1) * (n - 1)
+    ms_s = n * ((by_seed - mean[..., None]) ** 2).sum(-1) / f_s
+    ms_p = s_ * ((by_problem - mean[..., None]) ** 2).sum(-1) / f_p
+    resid = d - by_seed[..., None] - by_problem[..., None, :] + mean[..., None, None]
+    ms_r = (resid**2).sum((-2, -1)) / f_r
+    # E[MS_seed] = n var_seed + var_resid and E[MS_problem - MS_resid] = S var_problem, so
+    # (MS_seed + max(MS_problem - MS_resid, 0)) / (n S) estimates Var(mean); the clamp keeps var_problem >= 0.
+    has_p = ms_p > ms_r
+    v = (ms_s + np.where(has_p, ms_p - ms_r, 0.0)) / (n * s_)
+    # Satterthwaite df with MS_seed's term inflated by (f + 2) / f (its few df make the plain formula
+    # liberal, up to 8% at nominal 5% with 3 seeds), floored at S - 1: without problem variance the
+    # statistic is exactly the t over per-seed differences (df S - 1).
+    den = ms_s**2 * (f_s + 2) / f_s**2 + np.where(has_p, ms_p**2 / f_p + ms_r**2 / f_r, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        df = np.where(den > 0, np.maximum(f_s, (v * n * s_) ** 2 / den), float(f_s))
+        se = np.sqrt(v)
+        q = student_t.ppf(1 - alpha / 2, df)
+        undefined = (se == 0) & (mean != 0)  # no spread observed anywhere: unknown, not certain
+        p = np.where(se > 0, 2 * student_t.sf(np.abs(mean) / se, df), np.where(undefined, np.nan, 1.0))
+    lo = np.where(undefined, np.nan, mean - q * se)
+    hi = np.where(undefined, np.nan, mean + q * se)
+    return {
+        "mean": mean,
+        "se": se,
+        "df": df,
+        "ci_low": lo,
+        "ci_high": hi,
+        "p": p,
+        "se_seeds": np.sqrt(ms_s / (n * s_)),
+        "ms_seed": ms_s,
+        "ms_problem": ms_p,
+        "ms_resid": ms_r,
+    }
+
+
+def seeds_problems_interval(d: np.ndarray, alpha: float = ALPHA) -> dict:
+    """t-interval and two-sided p for the mean of an (S, n) matrix that covers seed AND problem noise.
+
+    ``d`` holds one row per training seed and one column per test problem: paired differences A - B
+    (or one model's scores). Returns mean, se, df (Satterthwaite-type, >= S - 1), ci_low, ci_high, p,
+    se_seeds (the t-over-seeds SE, conditional on these problems) and the three mean squares; see the
+    module docstring and README ("ci_table.csv") for the formula. Needs S >= 2.
+    """
+    r = seeds_problems_arrays(d, alpha)
+    return {k: float(v) for k, v in r.items()}
+
+
+def mde(se: float, df: float, alpha: float = ALPHA, power: float = 0.8) -> float:
+    """Smallest true difference a two-sided level-``alpha`` t-test with this SE and df detects with
+    probability ``power``: the noncentrality delta with P(|T| > t_crit) = power, T ~ nct(df, delta),
+    times se (df = inf: the normal test, (z_{1-alpha/2} + z_power) se). NaN for a NaN or zero SE."""
+    from scipy.optimize import brentq
+    from scipy.stats import nct, norm
+    from scipy.stats import t as student_t
+
+    if not (math.isfinite(se) and se > 0) or not df > 0:
+        return float("nan")
+    if not math.isfinite(df):
+        crit = float(norm.ppf(1 - alpha / 2))
+
+        def pw(delta: float) -> float:
+            return float(norm.sf(crit - delta) + norm.cdf(-crit - delta))
+    else:
+        crit = float(student_t.ppf(1 - alpha / 2, df))
+
+        def pw(delta: float) -> float:
+            # P(T < -crit | delta) = P(T > crit | -delta); the far tail is NaN in scipy for large delta
+            far = float(nct.sf(crit, df, -delta))
+            return float(nct.sf(crit, df, delta)) + (far if math.isfinite(far) else 0.0)
+
+    hi = crit + 10.0
+    while pw(hi) < power:
+        hi *= 2
+    return float(brentq(lambda x: pw(x) - power, 0.0, hi, xtol=1e-10)) * se
+
+
 def paired_corr(a: np.ndarray, b: np.ndarray) -> float:
     """Pearson correlation of per-problem scores (phi for 0/1); NaN if either is constant."""
     a = np.asarray(a, dtype=np.float64)
@@ -345,20 +439,20 @@ def compare_single(
 
 
 def compare_seeds(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> dict:
-    """Statistics of A - B over S paired training seeds: t-interval on per-seed differences.
+    """Statistics of A - B over S paired training seeds and n shared test problems.
 
     ``a``/``b`` are (S, n) scores, seed s of A paired with seed s of B (an unseeded model such as
-    base is repeated S times). diff is the mean over seeds of the per-seed difference; ci_low/ci_high
-    and t_p come from ``seed_t_interval`` (df = S - 1), se_seeds is its standard error. se_paired and
-    corr are the analytic, test-set-only values of the seed-averaged scores (compare se_paired with
-    se_seeds to see how much training noise adds); agreement counts are summed over seeds. McNemar
-    and the problem bootstrap do not apply to pooled seeds (NaN).
+    base is repeated S times). diff is the mean of the per-problem differences; ci_low/ci_high, ci_df,
+    se_combined and t_p come from ``seeds_problems_interval`` (both seed and problem noise);
+    se_seeds is the t-over-seeds SE (conditional on these problems) and se_paired the analytic
+    problem-only SE of the seed-averaged scores, for comparison. Agreement counts are summed over
+    seeds. McNemar and the problem bootstrap do not apply to pooled seeds (NaN).
     """
     a = np.atleast_2d(np.asarray(a, dtype=np.float64))
     b = np.atleast_2d(np.asarray(b, dtype=np.float64))
     if a.shape != b.shape:
         raise MathptError(f"compare_seeds: score matrices differ in shape, {a.shape} vs {b.shape}")
-    t = seed_t_interval(a.mean(1) - b.mean(1), alpha)
+    t = seeds_problems_interval(a - b, alpha)
     if is_binary(a) and is_binary(b):
         per_seed = [agreement_counts(x, y) for x, y in zip(a, b, strict=True)]
         counts = {k: sum(c[k] for c in per_seed) for k in per_seed[0]}
@@ -372,7 +466,8 @@ def compare_seeds(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> dict:
         "ci_low": t["ci_low"],
         "ci_high": t["ci_high"],
         "ci_df": t["df"],
-        "se_seeds": t["se"],
+        "se_combined": t["se"],
+        "se_seeds": t["se_seeds"],
         "se_paired": paired_se(ma, mb),
         "se_boot": float("nan"),
         "corr": paired_corr(ma, mb),

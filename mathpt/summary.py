@@ -94,9 +94,10 @@ def accuracy_section(acc_rows: Sequence[Mapping[str, Any]]) -> list[str]:
         raise MathptError("summary: accuracy.csv has no rows")
     r0 = acc_rows[0]
     lines = [
-        f"## GSM8K accuracy ({r0['split']} split, n = {r0['n']}, {r0['k_shot']}-shot, {r0['decoding']})",
+        f"## GSM8K accuracy ({r0['split']} split, n = {r0['n']}, trained prompt 0-shot, {r0['decoding']})",
         "",
     ]
+    kshot = any(str(r.get("acc_kshot", "")) not in ("", "None") for r in acc_rows)
     body = []
     for r in acc_rows:
         body.append(
@@ -111,17 +112,27 @@ def accuracy_section(acc_rows: Sequence[Mapping[str, Any]]) -> list[str]:
                 _num(r["mean_generated_tokens"], 1),
                 r["ci_method"],
             ]
+            + (
+                [
+                    _num(r.get("acc_kshot")),
+                    _ci({"ci_low": r.get("kshot_ci_low"), "ci_high": r.get("kshot_ci_high")}),
+                ]
+                if kshot
+                else []
+            )
         )
     header = ["model", "seed", "accuracy", "95% CI", "right, any format", "format rate", "truncated"]
-    lines += _table([*header, "mean tokens", "CI method"], body)
+    header += ["mean tokens", "CI method"] + (["k-shot accuracy", "k-shot 95% CI"] if kshot else [])
+    lines += _table(header, body)
     lines += [
         "",
         "*accuracy*: the answer is right **and** in the prompt style's format (the training reward). "
         "*right, any format*: the final answer is right however it was written (last box, "
         '"the answer is", else the last number). *format rate*: the style\'s answer format was '
         "found. *truncated*: generation hit `eval.gsm8k.max_new_tokens` (graded wrong). "
-        "CIs: `wilson` over test problems for one run; `t_over_seeds` (df = seeds − 1) for the "
-        "pooled row.",
+        "CIs: `wilson` over test problems for one run; `seeds_x_problems_t` (seeds and problems) for "
+        "the pooled row. *k-shot*: the secondary eval with `eval.gsm8k.k_shot` examples (the original "
+        "study's prompt); the primary eval is the trained prompt, 0-shot.",
     ]
     lines += _single_seed_note(acc_rows)
     lines += ["", *format_gain_lines(acc_rows)]
@@ -150,18 +161,39 @@ def format_gain_lines(acc_rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def power_lines(head: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The power line: per headline comparison, the smallest difference detected with 80% power."""
+    rows = [r for r in head if math.isfinite(_f(r.get("mde80")))]
+    if not rows:
+        return []
+    parts = []
+    for r in rows:
+        holm = _f(r.get("mde80_holm"))
+        extra = f" (±{_num(holm)} at Holm's first-step level)" if math.isfinite(holm) else ""
+        parts.append(f"{r['model_a']} − {r['model_b']} ±{_num(r['mde80'])}{extra}")
+    return [
+        "",
+        "**Power:** smallest difference this design detects with 80% power (two-sided 5%, unadjusted, "
+        "from each row's SE and df; for primary rows also at 0.05 / the primary family's size, the "
+        "level Holm's first step uses): " + "; ".join(parts) + ".",
+    ]
+
+
 def comparisons_section(ci_rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if not ci_rows:
         return []
-    head = _headline_rows(ci_rows, ["model_a", "model_b"])
+    head = [r for r in ci_rows if r.get("family", "") != "diagnostic"]
+    head.sort(key=lambda r: r.get("family", "") != "primary")
     body = [
         [
             f"{r['model_a']} − {r['model_b']}",
+            r.get("family", ""),
             _seed(r),
             _num(r["acc_a"]),
             _num(r["acc_b"]),
             _signed(r["diff"]),
             _ci(r, signed=True),
+            _num(r.get("mde80")),
             r["ci_method"],
             r["p_method"],
             _p(r["holm_p"]),
@@ -170,16 +202,32 @@ def comparisons_section(ci_rows: Sequence[Mapping[str, Any]]) -> list[str]:
     ]
     lines = ["## Paired comparisons (A − B on the same test problems)", ""]
     lines += _table(
-        ["comparison", "seed", "acc A", "acc B", "diff", "95% CI", "CI method", "test", "Holm p"], body
+        [
+            "comparison",
+            "family",
+            "seed",
+            "acc A",
+            "acc B",
+            "diff",
+            "95% CI",
+            "MDE 80%",
+            "CI method",
+            "test",
+            "Holm p",
+        ],
+        body,
     )
     lines += [
         "",
-        "Pooled rows (`t_over_seeds`): t-interval on the per-seed paired differences, df = seeds − 1; "
-        "it covers the seed-to-seed variance. Per-seed rows (`paired_bootstrap_percentile`): "
-        "bootstrap over test problems with the same resample for both models; exact McNemar p. "
-        "Holm adjusts over the declared comparisons within each seed group. All rows, per seed "
-        "included: `ci_table.csv`.",
+        "Pooled rows (`seeds_x_problems_t`): t-interval that covers both training-seed and test-problem "
+        "noise (two-way seeds × problems variance, Satterthwaite-type df ≥ seeds − 1; README, "
+        "ci_table.csv). Single-seed rows (`paired_bootstrap_percentile`): bootstrap over test problems "
+        "with the same resample for both models; exact McNemar p. *primary*: the pre-declared family "
+        "(each PG variant − SFT, GRPO-clip − REINFORCE + baseline), Holm-adjusted together; "
+        "*exploratory*: the rest, Holm-adjusted among themselves. Per-seed diagnostic rows: "
+        "`ci_table.csv`.",
     ]
+    lines += power_lines(head)
     lines += _single_seed_note(ci_rows)
     return lines
 
@@ -187,7 +235,7 @@ def comparisons_section(ci_rows: Sequence[Mapping[str, Any]]) -> list[str]:
 def regressions_section(reg_rows: Sequence[Mapping[str, Any]]) -> list[str]:
     if not reg_rows:
         return []
-    head = _headline_rows(reg_rows, ["task", "model_a", "model_b"])
+    head = [r for r in reg_rows if r.get("family", "") != "diagnostic"]
     body = [
         [
             r["task"],

@@ -1,5 +1,7 @@
 rule eval_gsm8k:
-    """GSM8K k-shot CoT eval on the test split: one row per problem + a summary."""
+    """GSM8K eval on the test split with the trained prompt, 0-shot (primary), and, when
+    eval.gsm8k.k_shot > 0, the k-shot CoT prompt from the same engine (kshot_* keys): one row per problem.
+    """
     input:
         model=model_dir,
         test="results/data/test.jsonl",

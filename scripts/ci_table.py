@@ -13,7 +13,8 @@ def main(smk, cfg):
         "benchmark": cfg["benchmark"],
         "split": "test",
         "scorer": "mathpt.rewards:" + cfg["prompt_style"],
-        "k_shot": g["k_shot"],
+        "k_shot": 0,  # the primary eval: the trained prompt, 0-shot (acc_kshot holds the k-shot one)
+        "k_shot_secondary": g["k_shot"],
         "decoding": f"greedy, max_new_tokens={g['max_new_tokens']}",
         "code_version": git_commit(),
         "task_versions": "",

@@ -1,4 +1,9 @@
-"""GSM8K k-shot chain-of-thought eval: greedy decoding, one graded row per test problem.
+"""GSM8K eval: greedy decoding, one graded row per test problem, with the prompt that was trained.
+
+The primary eval is the training prompt (``prompt_style``, 0-shot) graded with the training reward,
+so a gain over base is learning and not a change of prompt. When ``k_shot`` > 0 the same engine
+also runs the original study's k-shot chain-of-thought prompt as a secondary eval, in the same
+engine calls (no second engine): its grades go in the same rows under ``kshot_*`` keys.
 
 The k few-shot examples are drawn once, deterministically by seed, from the train split (never the
 test split) and shared by every test question. Generation goes through the project's inference
@@ -13,7 +18,9 @@ gold, correct, formatted, correct_any_format, generated_tokens, truncated. ``cor
 style's grader (answer format required, as in training); ``formatted`` says the format was found;
 ``correct_any_format`` grades the final answer however it was written, so a gain that is only
 format shows as such; ``truncated`` says generation hit ``max_new_tokens`` (finish_reason "length"),
-which the grader counts as wrong whatever the text so far.
+which the grader counts as wrong whatever the text so far. With k_shot > 0 each row also has
+kshot_prompt_hash, kshot_response, kshot_correct, kshot_formatted, kshot_correct_any_format,
+kshot_generated_tokens and kshot_truncated (the same grading, on the k-shot prompt's answer).
 """
 
 from __future__ import annotations
@@ -211,7 +218,12 @@ def run_gsm8k_eval(
         if missing:
             raise MathptError(f"test row {i} (id={r.get('id', '?')}): missing key(s) {missing}")
     examples = select_fewshot(fewshot_pool, k_shot, fewshot_seed, rows_in)
-    prompts = [format_fewshot_prompt(r["question"], examples, style) for r in rows_in]
+    n_rows = len(rows_in)
+    # Primary: the trained prompt, 0-shot. Secondary (k_shot > 0): k-shot, after it in one list,
+    # so one engine generates both and the chunks stay independent of the shard count.
+    prompts = [format_fewshot_prompt(r["question"], [], style) for r in rows_in]
+    if examples:
+        prompts += [format_fewshot_prompt(r["question"], examples, style) for r in rows_in]
     params = SamplingConfig(
         max_new_tokens=max_new_tokens,
         temperature=0.0,
@@ -240,29 +252,31 @@ def run_gsm8k_eval(
         raise MathptError("GSM8K eval: shards returned an incomplete or duplicated set of problems")
 
     reward_fn = get_reward_fn(style)
-    rows = []
-    n_format = 0
-    for g, r, prompt in zip(gens, rows_in, prompts, strict=True):
-        gold = str(r["answer"])
+
+    def grade(g: dict, gold: str, prompt: str) -> dict:
         # `correct` is the style's grader (the training reward's answer part): it requires the
         # style's answer format, so a bare number at the end that `extracted` finds is not enough
         reward = reward_fn(g["text"], gold)
-        n_format += reward["format_reward"] > 0
-        rows.append(
-            {
-                "index": g["index"],
-                "id": r["id"],
-                "prompt_hash": sha256_text(prompt),
-                "response": g["text"],
-                "extracted": extract_final_answer(g["text"]),
-                "gold": gold,
-                "correct": bool(reward["answer_reward"] > 0),
-                "formatted": bool(reward["format_reward"] > 0),
-                "correct_any_format": answer_correct_any_format(g["text"], gold),
-                "generated_tokens": g["generated_tokens"],
-                "truncated": bool(g["truncated"]),
-            }
-        )
+        return {
+            "prompt_hash": sha256_text(prompt),
+            "response": g["text"],
+            "extracted": extract_final_answer(g["text"]),
+            "correct": bool(reward["answer_reward"] > 0),
+            "formatted": bool(reward["format_reward"] > 0),
+            "correct_any_format": answer_correct_any_format(g["text"], gold),
+            "generated_tokens": g["generated_tokens"],
+            "truncated": bool(g["truncated"]),
+        }
+
+    rows = []
+    for i, r in enumerate(rows_in):
+        gold = str(r["answer"])
+        row = {"index": i, "id": r["id"], "gold": gold, **grade(gens[i], gold, prompts[i])}
+        if examples:
+            k = grade(gens[n_rows + i], gold, prompts[n_rows + i])
+            row.update({f"kshot_{key}": v for key, v in k.items() if key != "extracted"})
+        rows.append(row)
+    n_format = sum(r["formatted"] for r in rows)
     n = len(rows)
     summary: dict[str, Any] = {
         "n": n,
@@ -271,6 +285,8 @@ def run_gsm8k_eval(
         "accuracy_any_format": sum(r["correct_any_format"] for r in rows) / n,
         "truncated_fraction": sum(r["truncated"] for r in rows) / n,
         "mean_generated_tokens": sum(r["generated_tokens"] for r in rows) / n,
+        "prompt": "trained prompt_style, 0-shot (primary)",
+        "accuracy_kshot": sum(r["kshot_correct"] for r in rows) / n if examples else None,
         "k_shot": k_shot,
         "style": style,
         "fewshot_seed": fewshot_seed,

@@ -122,8 +122,10 @@ class FakeEngine:
 def test_rows_and_summary_follow_the_contract(data, tiny_model_dir, tmp_path, monkeypatch):
     test, train = data["test"][:10], data["train"]
     examples = select_fewshot(train, 2, seed=5, test_rows=test)
-    prompts = [format_fewshot_prompt(r["question"], examples, "r1_zero") for r in test]
+    prompts = [format_fewshot_prompt(r["question"], [], "r1_zero") for r in test]  # primary: trained, 0-shot
+    kshot = [format_fewshot_prompt(r["question"], examples, "r1_zero") for r in test]
     fake = FakeEngine({p: (i, r["answer"]) for i, (p, r) in enumerate(zip(prompts, test, strict=True))})
+    fake.by_prompt.update({p: (i + 1, r["answer"]) for i, (p, r) in enumerate(zip(kshot, test, strict=True))})
     monkeypatch.setattr(gsm8k_eval, "make_engine", lambda name, path, **kw: fake)
 
     rows, summary = run_gsm8k_eval(
@@ -139,11 +141,13 @@ def test_rows_and_summary_follow_the_contract(data, tiny_model_dir, tmp_path, mo
         limit=10,
         batch_size=4,
     )
-    assert fake.calls == [4, 4, 2]
+    assert fake.calls == [4, 4, 4, 4, 4]  # 10 primary + 10 k-shot prompts through one engine
     assert [r["index"] for r in rows] == list(range(10))
     assert [r["id"] for r in rows] == [r["id"] for r in test]
     assert [r["prompt_hash"] for r in rows] == [sha256_text(p) for p in prompts]
-    assert all(set(r) == set(ROW_TYPES) for r in rows)
+    assert [r["kshot_prompt_hash"] for r in rows] == [sha256_text(p) for p in kshot]
+    assert all(set(ROW_TYPES) <= set(r) for r in rows)
+    assert [r["kshot_correct"] for r in rows] == [i % 2 == 1 and i % 5 != 3 for i in range(10)]
     formatted = [i % 5 != 4 for i in range(10)]
     assert [r["formatted"] for r in rows] == formatted
     assert [r["correct_any_format"] for r in rows] == [i % 2 == 0 for i in range(10)]
@@ -268,3 +272,29 @@ def test_vllm_engine_eval_is_shard_invariant(data, varied_model_dir):
     assert rows2 == rows1
     assert s1["engine"] == "vllm" and s1["n"] == 6
     assert all(0 < r["generated_tokens"] <= 12 for r in rows1)
+
+
+def test_primary_eval_is_the_trained_prompt_and_kshot_is_secondary(
+    word_problems, tiny_model_dir, monkeypatch
+):
+    """Issue 27 item 4: `correct` grades the 0-shot trained prompt; with k_shot > 0 the k-shot prompt
+    runs in the same engine (one engine built, one set of calls) and lands in kshot_* keys."""
+    rows_all = [to_row(r, f"train-{i:05d}", f"arith:{i}") for i, r in enumerate(word_problems[:40])]
+    test = [{**r, "id": f"test-{i:05d}"} for i, r in enumerate(rows_all[:6])]
+    train = rows_all[6:]
+    examples = select_fewshot(train, 2, seed=1, test_rows=test)
+    zero = [format_fewshot_prompt(r["question"], [], "r1_zero") for r in test]
+    kshot = [format_fewshot_prompt(r["question"], examples, "r1_zero") for r in test]
+    fake = FakeEngine({p: (0, r["answer"]) for p, r in zip(zero, test, strict=True)})  # 0-shot: right
+    fake.by_prompt.update({p: (1, r["answer"]) for p, r in zip(kshot, test, strict=True)})  # k-shot: wrong
+    built = []
+    monkeypatch.setattr(gsm8k_eval, "make_engine", lambda name, path, **kw: built.append(name) or fake)
+    kw = dict(style="r1_zero", max_new_tokens=8, engine="hf", devices=["cpu"], fewshot_seed=1, batch_size=4)
+    rows, summary = run_gsm8k_eval(tiny_model_dir, test, train, k_shot=2, **kw)
+    assert built == ["hf"] and sum(fake.calls) == 12
+    assert all(r["correct"] and not r["kshot_correct"] for r in rows)
+    assert [r["prompt_hash"] for r in rows] == [sha256_text(p) for p in zero]
+    assert summary["accuracy"] == 1.0 and summary["accuracy_kshot"] == 0.0
+    rows0, summary0 = run_gsm8k_eval(tiny_model_dir, test, train, k_shot=0, **kw)
+    assert not any(k.startswith("kshot_") for r in rows0 for k in r) and summary0["accuracy_kshot"] is None
+    assert [r["correct"] for r in rows0] == [r["correct"] for r in rows]  # primary does not depend on k_shot

@@ -117,7 +117,8 @@ def test_summary_names_the_run_and_shows_every_model_with_rates(tmp_path):
     d_acc = pooled["grpo_clip"]["acc"] - pooled["sft"]["acc"]
     d_any = pooled["grpo_clip"]["acc_any_format"] - pooled["sft"]["acc_any_format"]
     assert f"| grpo_clip | {d_acc:+.3f} | {d_any:+.3f} |" in text
-    assert "grpo_clip − sft | pooled" in text and "t_over_seeds" in text
+    assert "grpo_clip − sft | primary | pooled" in text and "seeds_x_problems_t" in text
+    assert "**Power:** smallest difference" in text and "grpo_clip − sft ±" in text
     assert "One training seed" not in text
     assert "| truncated (finish_reason length) | 3 | 30.0% |" in text
     assert "| sft-seed0 | 3.0 min | 12 s |" in text  # metrics span 180 s; eval elapsed_s 12.5
@@ -129,7 +130,7 @@ def test_summary_names_the_run_and_shows_every_model_with_rates(tmp_path):
 def test_single_seed_summary_warns_that_seed_variance_is_not_covered(tmp_path):
     text, *_ = _run(tmp_path, [0])
     assert "**One training seed:**" in text and "| pooled |" not in text
-    assert "grpo_clip − sft | 0 |" in text
+    assert "grpo_clip − sft | primary | 0 |" in text
 
 
 def test_summary_reads_real_traces_and_eval_keys(tmp_path):

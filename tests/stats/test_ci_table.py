@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as scipy_stats
 
 from mathpt import ci_table, stats
 from mathpt.io import MathptError
@@ -105,42 +104,77 @@ def test_ci_table_end_to_end(tmp_path, evals):
     ref = stats.paired_bootstrap(a, b, n_resamples=R, seed=0)
     assert (_num(row["ci_low"]), _num(row["ci_high"])) == pytest.approx((ref["ci_low"], ref["ci_high"]))
 
-    # Holm within the seed-1 family, against a plain reference.
-    fam = [r for r in csv_rows if r["seed"] == "1"]
-    p = [_num(r["mcnemar_p"]) for r in fam]
-    m, order = len(p), np.argsort(p)
-    ref_holm, running = np.empty(m), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        ref_holm[i] = running
-    np.testing.assert_allclose([_num(r["holm_p"]) for r in fam], ref_holm, rtol=1e-10)
+    # Several seeds: per-seed rows are labelled diagnostics, outside every Holm family.
+    assert (
+        row["family"] == "diagnostic"
+        and row["holm_p"] == ""
+        and row["ci_covers"] == ci_table.COVERS_DIAGNOSTIC
+    )
+    assert _num(row["mde80"]) == pytest.approx(stats.mde(_num(row["se_paired"]), math.inf))
 
-    # Pooled row: t-interval on the per-seed differences (df = 1 with 2 seeds), t p, no McNemar.
+    # Pooled row: the seeds x problems interval of the two (S, n) matrices, t p, no McNemar.
     pooled = next(
         r for r in csv_rows if (r["model_a"], r["model_b"], r["seed"]) == ("grpo_clip", "sft", "pooled")
     )
-    per_seed = [scores[("grpo_clip", s)].mean() - scores[("sft", s)].mean() for s in (0, 1)]
-    ref = scipy_stats.ttest_1samp(per_seed, 0.0)
-    assert _num(pooled["diff"]) == pytest.approx(np.mean(per_seed))
-    assert (_num(pooled["ci_low"]), _num(pooled["ci_high"])) == pytest.approx(
-        tuple(ref.confidence_interval())
-    )
-    assert _num(pooled["t_p"]) == pytest.approx(ref.pvalue)
-    assert pooled["n_seeds"] == "2" and pooled["p_method"] == "t_seeds" and pooled["mcnemar_p"] == ""
-    assert pooled["ci_method"] == "t_over_seeds" and pooled["ci_df"] == "1"
-    assert pooled["ci_covers"] == ci_table.COVERS_SEEDS and row["ci_covers"] == ci_table.COVERS_PROBLEMS
-    fam = [r for r in csv_rows if r["seed"] == "pooled"]  # Holm over the pooled family uses the t p
-    np.testing.assert_allclose([_num(r["holm_p"]) for r in fam], stats.holm([_num(r["t_p"]) for r in fam]))
+    a = np.stack([scores[("grpo_clip", s)] for s in (0, 1)])
+    b = np.stack([scores[("sft", s)] for s in (0, 1)])
+    ref = stats.compare_seeds(a, b)
+    for k in ("diff", "ci_low", "ci_high", "ci_df", "se_combined", "se_seeds", "t_p"):
+        assert _num(pooled[k]) == pytest.approx(ref[k], rel=1e-12), k
+    assert pooled["n_seeds"] == "2" and pooled["p_method"] == "seeds_problems_t" and pooled["mcnemar_p"] == ""
+    assert pooled["ci_method"] == "seeds_x_problems_t" and pooled["ci_covers"] == ci_table.COVERS_SEEDS
+    assert pooled["family"] == "primary"
+    assert _num(pooled["mde80"]) == pytest.approx(stats.mde(ref["se_combined"], ref["ci_df"]))
+
+    # Holm within the primary family (3 PG variants vs SFT + GRPO-clip vs REINFORCE+baseline) and,
+    # separately, within the exploratory family, both over pooled rows, against a plain reference.
+    for family, size in (("primary", 4), ("exploratory", 6)):
+        fam = [r for r in csv_rows if r["family"] == family]
+        assert len(fam) == size and all(r["seed"] == "pooled" for r in fam)
+        p = [_num(r["t_p"]) for r in fam]
+        m, order = len(p), np.argsort(p)
+        ref_holm, running = np.empty(m), 0.0
+        for rank, i in enumerate(order):
+            running = max(running, min(1.0, (m - rank) * p[i]))
+            ref_holm[i] = running
+        np.testing.assert_allclose([_num(r["holm_p"]) for r in fam], ref_holm, rtol=1e-10)
+        for r in fam:
+            holm_mde = stats.mde(_num(r["se_combined"]), _num(r["ci_df"]), 0.05 / 4)
+            assert (
+                _num(r["mde80_holm"]) == pytest.approx(holm_mde)
+                if family == "primary"
+                else r["mde80_holm"] == ""
+            )
+    primary = {(r["model_a"], r["model_b"]) for r in csv_rows if r["family"] == "primary"}
+    assert primary == {
+        ("no_baseline", "sft"),
+        ("reinforce_with_baseline", "sft"),
+        ("grpo_clip", "sft"),
+        ("grpo_clip", "reinforce_with_baseline"),
+    }
+
+
+def test_primary_family_follows_the_algorithm_registry(monkeypatch):
+    """A PG variant added to mathpt.algorithms is primary against SFT with no list to edit here."""
+    monkeypatch.setattr(ci_table, "PG_ALGOS", (*ci_table.PG_ALGOS, "dr_grpo"))
+    models = ["base", "sft", "grpo_clip", "reinforce_with_baseline", "dr_grpo"]
+    assert ("dr_grpo", "sft") in ci_table.primary_comparisons(models)
+    assert ci_table.family_of("dr_grpo", "sft") == "primary"
+    assert ci_table.family_of("dr_grpo", "grpo_clip") == "exploratory"
+    assert ci_table.family_of("sft", "base") == "exploratory"
+    comps = ci_table.declared_comparisons(models)
+    assert comps[:4] == ci_table.primary_comparisons(models) and len(set(comps)) == len(comps)
+    assert ("reinforce_with_baseline", "grpo_clip") not in comps  # the primary pair is not repeated reversed
 
 
 def test_ci_table_single_seed_and_subset(tmp_path, evals):
     paths, _ = evals
     sub = {"base": paths["base"], "sft": {0: paths["sft"][0]}, "grpo_clip": {0: paths["grpo_clip"][0]}}
     rows = ci_table.build_ci_table(sub, tmp_path / "ci.csv", META, n_resamples=R)
-    assert [(r["model_a"], r["model_b"], r["seed"]) for r in rows] == [
+    assert [(r["model_a"], r["model_b"], r["seed"]) for r in rows] == [  # primary first
+        ("grpo_clip", "sft", 0),
         ("sft", "base", 0),
         ("grpo_clip", "base", 0),
-        ("grpo_clip", "sft", 0),
     ]
     # One seed: no pooled row, and every row says its interval ignores between-seed variance.
     assert all("between-seed variance is NOT covered" in r["ci_covers"] for r in rows)
@@ -151,6 +185,11 @@ def test_ci_table_single_seed_and_subset(tmp_path, evals):
         sub, tmp_path / "ci2.csv", META, n_resamples=R, comparisons=[("sft", "base")]
     )
     assert len(rows) == 1 and rows[0]["holm_p"] == pytest.approx(rows[0]["mcnemar_p"])
+    # One seed: the single rows are the headline, in their families, with a problem-only MDE.
+    rows = ci_table.build_ci_table(sub, tmp_path / "ci3.csv", META, n_resamples=R)
+    assert [r["family"] for r in rows] == ["primary", "exploratory", "exploratory"]
+    assert rows[0]["holm_p"] == pytest.approx(rows[0]["mcnemar_p"])  # a family of one
+    assert rows[0]["mde80"] == pytest.approx(2.8016 * rows[0]["se_paired"], rel=1e-4)
 
 
 def test_ci_table_identical_models_no_nan(tmp_path, evals):
@@ -204,9 +243,12 @@ def test_accuracy_table(tmp_path, evals):
     pooled = next(r for r in rows if r["model"] == "sft" and r["seed"] == "pooled")
     per_seed = [scores[("sft", 0)].mean(), scores[("sft", 1)].mean()]
     assert pooled["acc"] == pytest.approx(np.mean(per_seed))
-    ref = scipy_stats.ttest_1samp(per_seed, 0.0).confidence_interval()
-    assert (pooled["ci_low"], pooled["ci_high"]) == pytest.approx(tuple(ref))
-    assert pooled["ci_method"] == "t_over_seeds" and pooled["ci_covers"] == ci_table.COVERS_SEEDS
+    ref = stats.seeds_problems_interval(np.stack([scores[("sft", 0)], scores[("sft", 1)]]))
+    assert (pooled["ci_low"], pooled["ci_high"], pooled["ci_df"]) == pytest.approx(
+        (ref["ci_low"], ref["ci_high"], ref["df"])
+    )
+    assert pooled["ci_method"] == "seeds_x_problems_t" and pooled["ci_covers"] == ci_table.COVERS_SEEDS
+    assert "acc_kshot" not in pooled  # eval rows without the secondary k-shot eval
     assert len(ci_table.read_csv(tmp_path / "acc.csv")) == len(rows)
 
 
@@ -285,8 +327,11 @@ def test_regressions_table(tmp_path):
         assert r["task_versions"] == (2 if wiki else 1)
         if wiki:  # continuous: no McNemar or agreement counts; the bootstrap p is Holm-adjusted
             assert math.isnan(r["mcnemar_p"]) and r["only_a"] is None
-            assert r["p_method"] == ("t_seeds" if r["seed"] == "pooled" else "bootstrap")
-        assert 0 < r["holm_p"] <= 1
+            assert r["p_method"] == ("seeds_problems_t" if r["seed"] == "pooled" else "bootstrap")
+        if r["seed"] == "pooled":  # headline rows: one exploratory Holm family over tasks x models
+            assert r["family"] == "exploratory" and 0 < r["holm_p"] <= 1
+        else:
+            assert r["family"] == "diagnostic" and "holm_p" not in r
     csv_rows = ci_table.read_csv(out)
     assert csv_rows[0]["task"] and set(ci_table.REG_COLUMNS) <= set(csv_rows[0])
     with pytest.raises(MathptError, match="'base'"):
@@ -306,3 +351,30 @@ def test_naming_helpers():
         ("grpo_clip", "no_baseline"),
     ]
     assert len(ci_table.declared_comparisons(["base", *ci_table.ALGOS])) == 10
+
+
+def test_accuracy_table_kshot_column(tmp_path, evals):
+    """Eval rows carrying the secondary k-shot grade give acc_kshot with its own CI; `acc` stays primary."""
+    paths, scores = evals
+    rng = np.random.default_rng(3)
+    kshot = {}
+    for model, seeds in paths.items():
+        for s, path in seeds.items():
+            rows = [json.loads(line) for line in open(path)]
+            k = rng.random(N) < 0.3
+            for r in rows:
+                r["kshot_correct"] = bool(k[r["index"]])
+            open(path, "w").write("".join(json.dumps(r) + "\n" for r in rows))
+            kshot[(model, s)] = k.astype(float)
+    rows = ci_table.build_accuracy_table(paths, tmp_path / "acc.csv", META, n_resamples=R)
+    r = next(r for r in rows if (r["model"], r["seed"]) == ("sft", 1))
+    k = int(kshot[("sft", 1)].sum())
+    assert r["acc"] == pytest.approx(scores[("sft", 1)].mean()) and r["acc_kshot"] == pytest.approx(k / N)
+    assert (r["kshot_ci_low"], r["kshot_ci_high"]) == pytest.approx(stats.wilson_ci(k, N))
+    pooled = next(r for r in rows if (r["model"], r["seed"]) == ("sft", "pooled"))
+    ref = stats.seeds_problems_interval(np.stack([kshot[("sft", 0)], kshot[("sft", 1)]]))
+    assert (pooled["acc_kshot"], pooled["kshot_ci_low"]) == pytest.approx((ref["mean"], ref["ci_low"]))
+    # the comparison table compares the primary eval only
+    ci = ci_table.build_ci_table(paths, tmp_path / "ci.csv", META, n_resamples=R)
+    row = next(r for r in ci if (r["model_a"], r["model_b"], r["seed"]) == ("sft", "base", 1))
+    assert row["acc_a"] == pytest.approx(scores[("sft", 1)].mean())

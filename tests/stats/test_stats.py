@@ -108,7 +108,7 @@ def test_identical_models_degenerate_interval():
     # Pooled seeds of identical models: also exactly zero.
     A = (rng.random((3, 40)) < 0.5).astype(float)
     r = stats.compare_seeds(A, A.copy())
-    assert (r["diff"], r["ci_low"], r["ci_high"], r["se_seeds"], r["t_p"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
+    assert (r["diff"], r["ci_low"], r["ci_high"], r["se_combined"], r["t_p"]) == (0.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def test_paired_se_and_corr_vs_direct_formula():
@@ -215,6 +215,59 @@ def test_seed_t_interval_vs_scipy_ttest():
     assert (zero["ci_low"], zero["ci_high"], zero["p"]) == (0.0, 0.0, 1.0)
 
 
+def _two_way_reference(d: list[list[float]]) -> dict:
+    """The seeds x problems interval written out with Python floats and loops (float64)."""
+    S, n = len(d), len(d[0])
+    g = sum(sum(r) for r in d) / (S * n)
+    row = [sum(r) / n for r in d]
+    col = [sum(d[s][i] for s in range(S)) / S for i in range(n)]
+    ms_s = n * sum((x - g) ** 2 for x in row) / (S - 1)
+    ms_p = S * sum((x - g) ** 2 for x in col) / (n - 1)
+    ms_r = sum((d[s][i] - row[s] - col[i] + g) ** 2 for s in range(S) for i in range(n)) / ((S - 1) * (n - 1))
+    prob = max(ms_p - ms_r, 0.0)
+    v = (ms_s + prob) / (n * S)
+    den = ms_s**2 * (S + 1) / (S - 1) ** 2 + (
+        (ms_p**2 / (n - 1) + ms_r**2 / ((S - 1) * (n - 1))) if prob else 0
+    )
+    df = max(S - 1, (ms_s + prob) ** 2 / den)
+    se = math.sqrt(v)
+    q = scipy_stats.t.ppf(0.975, df)
+    return {
+        "mean": g,
+        "se": se,
+        "df": df,
+        "ci_low": g - q * se,
+        "ci_high": g + q * se,
+        "p": 2 * scipy_stats.t.sf(abs(g) / se, df),
+    }
+
+
+def test_seeds_problems_interval_vs_float64_reference():
+    rng = np.random.default_rng(9)
+    for S, n, binary in ((2, 30, True), (3, 57, True), (5, 40, False), (4, 25, True)):
+        for _ in range(3):
+            if binary:
+                q = rng.random(n)
+                d = (rng.random((S, n)) < q + rng.normal(0, 0.1, (S, 1))) * 1.0 - (rng.random((S, n)) < q)
+            else:
+                d = rng.normal(0.1, 1.0, (S, n)) + rng.normal(0, 0.3, (S, 1)) + rng.normal(0, 0.5, n)
+            got = stats.seeds_problems_interval(d)
+            ref = _two_way_reference(d.tolist())
+            for k, v in ref.items():
+                assert got[k] == pytest.approx(v, rel=1e-10, abs=1e-14), (S, n, k)
+            arr = stats.seeds_problems_arrays(np.stack([d, d[::-1]]))  # vectorized; seed order is irrelevant
+            np.testing.assert_allclose(arr["ci_low"], [ref["ci_low"]] * 2, rtol=1e-10)
+    # Without problem variance it is exactly the t over per-seed means (df = S - 1).
+    d = np.tile(rng.normal(0, 1, (4, 1)), (1, 10)) + np.tile(np.linspace(-1, 1, 10), (4, 1)) * 0
+    got = stats.seeds_problems_interval(d)
+    ref = scipy_stats.ttest_1samp(d.mean(1), 0.0)
+    assert got["df"] == 3 and got["p"] == pytest.approx(ref.pvalue, rel=1e-10)
+    with pytest.raises(MathptError, match="at least 2 seeds"):
+        stats.seeds_problems_interval(np.zeros((1, 10)))
+    same = stats.seeds_problems_interval(np.full((3, 10), 0.25))  # no spread anywhere: undefined
+    assert all(math.isnan(same[k]) for k in ("ci_low", "ci_high", "p"))
+
+
 def test_compare_seeds_vs_direct_computation():
     rng = np.random.default_rng(9)
     S, n = 4, 150
@@ -222,16 +275,81 @@ def test_compare_seeds_vs_direct_computation():
     a = (rng.random((S, n)) < q + rng.normal(0.05, 0.05, (S, 1))).astype(float)
     b = (rng.random((S, n)) < q).astype(float)
     r = stats.compare_seeds(a, b)
-    d = [float(a[s].mean() - b[s].mean()) for s in range(S)]
-    ref = scipy_stats.ttest_1samp(d, 0.0)
-    assert r["diff"] == pytest.approx(np.mean(d)) and r["ci_df"] == S - 1
-    assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(ref.confidence_interval(0.95)), rel=1e-10)
-    assert r["t_p"] == pytest.approx(ref.pvalue, rel=1e-10)
+    ref = _two_way_reference((a - b).tolist())
+    assert r["diff"] == pytest.approx(ref["mean"]) and r["ci_df"] == pytest.approx(ref["df"])
+    assert (r["ci_low"], r["ci_high"]) == pytest.approx((ref["ci_low"], ref["ci_high"]), rel=1e-10)
+    assert r["t_p"] == pytest.approx(ref["p"], rel=1e-10)
+    assert r["se_seeds"] == pytest.approx(np.std((a - b).mean(1), ddof=1) / math.sqrt(S), rel=1e-10)
     assert r["only_a"] == sum(int(np.sum((a[s] == 1) & (b[s] == 0))) for s in range(S))
     assert r["se_paired"] == pytest.approx(stats.paired_se(a.mean(0), b.mean(0)))
     assert math.isnan(r["mcnemar_p"]) and math.isnan(r["boot_p"])  # no per-problem test for pooled seeds
     with pytest.raises(MathptError, match="shape"):
         stats.compare_seeds(a, b[:3])
+
+
+def test_mde_vs_monte_carlo_power():
+    """At the returned MDE a level-5% two-sided t-test rejects 80% of the time (simulated directly:
+    Z ~ N(mde / se, 1), SE estimate ~ se * sqrt(chi2_df / df)); df = inf is (1.96 + 0.8416) se."""
+    # the far tail (rejecting on the wrong side) makes the exact value a hair below the textbook sum
+    assert stats.mde(0.01, math.inf) == pytest.approx(0.01 * (1.959963985 + 0.841621234), rel=1e-5)
+    rng = np.random.default_rng(4)
+    sims = 200_000  # Monte Carlo SE of a power of 0.8: 0.0009
+    for df in (2, 4.5, 30):
+        se = 0.013
+        m = stats.mde(se, df)
+        t = rng.normal(m / se, 1.0, sims) / np.sqrt(rng.chisquare(df, sims) / df)
+        crit = scipy_stats.t.ppf(0.975, df)
+        assert np.mean(np.abs(t) > crit) == pytest.approx(0.8, abs=0.004), df
+        assert stats.mde(se, df, alpha=0.0125) > m  # a stricter level needs a bigger effect
+    assert math.isnan(stats.mde(0.0, 3)) and math.isnan(stats.mde(float("nan"), 3))
+
+
+def _simulate_null_differences(S: int, tau: float, alg: float, sims: int, n: int = 300) -> np.ndarray:
+    """(sims, S, n) per-problem differences A - B of two equally good algorithms, 0/1 scores.
+
+    Problem difficulty z_i ~ N(0, 1.5) on the logit scale; each (model, seed) gets a logit shift of SD
+    ``tau`` (half of it shared by A and B of the same seed, as when PG starts from that seed's SFT);
+    each problem favours A or B by a_i ~ N(0, ``alg``) (A gets +a_i, B -a_i, so over new problems the
+    difference is 0 but on these problems it need not be).
+    """
+    from scipy.special import expit
+
+    rng = np.random.default_rng([7, S, int(tau * 100), int(alg * 100)])
+    out = np.empty((sims, S, n))
+    for c in range(0, sims, 500):
+        k = min(500, sims - c)
+        z = rng.normal(0, 1.5, (k, 1, n))
+        a_i = rng.normal(0, alg, (k, 1, n))
+        shared = rng.normal(0, tau, (k, S, 1)) * math.sqrt(0.5)
+        ua = shared + rng.normal(0, tau, (k, S, 1)) * math.sqrt(0.5)
+        ub = shared + rng.normal(0, tau, (k, S, 1)) * math.sqrt(0.5)
+        a = rng.random((k, S, n)) < expit(z + a_i + ua)
+        b = rng.random((k, S, n)) < expit(z - a_i + ub)
+        out[c : c + k] = a.astype(np.float64) - b
+    return out
+
+
+@pytest.mark.parametrize("S", [3, 5])
+def test_seeds_problems_false_positive_rate(S):
+    """Two equally good algorithms, 300 problems, 0/1 scores: the interval excludes 0 at most 6% of
+    the time at nominal 5%, for seed spreads from none to far above the problem noise (logit SD 0 to
+    3: per-seed accuracy SD 0 to ~30 points vs a problem-noise SE of ~3 points) and with or without
+    problem-specific strengths. 3,000 studies per cell: Monte Carlo SE of a 5% rate 0.40 points, so
+    6% is 2.5 SE above nominal. The t over per-seed differences alone fails this (checked below)."""
+    sims = 3000
+    worst_t = 0.0
+    for tau in (0.0, 0.1, 0.3, 0.5, 1.0, 3.0):
+        for alg in (0.0, 0.7):
+            d = _simulate_null_differences(S, tau, alg, sims)
+            r = stats.seeds_problems_arrays(d)
+            fpr = float(np.mean((r["ci_low"] > 0) | (r["ci_high"] < 0)))
+            assert fpr <= 0.06, (S, tau, alg, fpr)
+            assert fpr >= 0.02, (S, tau, alg, fpr)  # not trivially conservative either
+            np.testing.assert_array_equal(r["p"] < 0.05, (r["ci_low"] > 0) | (r["ci_high"] < 0))
+            old = stats.seed_t_arrays(d.mean(-1))
+            worst_t = max(worst_t, float(np.mean((old["ci_low"] > 0) | (old["ci_high"] < 0))))
+    if S == 5:  # conditional on these problems, the old interval over-rejects (~11%)
+        assert worst_t > 0.08, worst_t
 
 
 def _simulate_seed_accuracies(
