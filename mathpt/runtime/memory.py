@@ -158,7 +158,9 @@ class MemoryPlan:
         return out
 
     def lines(self) -> list[str]:
-        rows = [f"memory plan ({self.layout}, {self.kind}): card {self.total / GIB:.1f} GiB, free {self.free / GIB:.1f}"]
+        rows = [
+            f"memory plan ({self.layout}, {self.kind}): card {self.total / GIB:.1f} GiB, free {self.free / GIB:.1f}"
+        ]
         rows += [f"  trainer {k:<20} {v / GIB:6.2f} GiB" for k, v in self.trainer.items()]
         rows += [f"  worker  {k:<20} {v / GIB:6.2f} GiB" for k, v in self.worker.items()]
         util = "-" if self.gpu_memory_utilization is None else f"{self.gpu_memory_utilization:.2f}"
@@ -197,7 +199,12 @@ def worker_budget(shape: ModelShape, share: float, total: int) -> dict[str, int]
     overhead, and the KV cache gets the rest), plus its process's CUDA context."""
     weights = 2 * shape.params
     kv = max(0, int(share * total) - weights - VLLM_OVERHEAD_BYTES)
-    return {"weights": weights, "overhead": VLLM_OVERHEAD_BYTES, "kv_cache": kv, "cuda_context": CUDA_CONTEXT_BYTES}
+    return {
+        "weights": weights,
+        "overhead": VLLM_OVERHEAD_BYTES,
+        "kv_cache": kv,
+        "cuda_context": CUDA_CONTEXT_BYTES,
+    }
 
 
 def share_for_rows(shape: ModelShape, rows: int, seq: int, total: int) -> float:
@@ -223,7 +230,14 @@ class RunSizes:
         if "pg" in cfg:
             pg = cfg["pg"]
             seq = min(rt["max_model_len"], PROMPT_TOKENS + pg["max_new_tokens"])
-            return cls("pg", pg["rollout_batch_size"], seq, pg["staleness"] >= 1, sleep_enabled(cfg), cfg["dtype"] == "bfloat16")
+            return cls(
+                "pg",
+                pg["rollout_batch_size"],
+                seq,
+                pg["staleness"] >= 1,
+                sleep_enabled(cfg),
+                cfg["dtype"] == "bfloat16",
+            )
         return cls("sft", 0, max_seq_len or rt["max_model_len"], False, False, cfg["dtype"] == "bfloat16")
 
 
@@ -262,8 +276,21 @@ def plan(
             worker = worker_budget(shape, share, total)
             kv_rows = worker["kv_cache"] / (sizes.seq * shape.kv_bytes_per_token())
         return MemoryPlan(
-            layout, total, free, sizes.kind, tokens, per_micro, share, sizes.sleep and shared, trainer, worker, kv_rows,
-            {key_mbt: "auto" if auto_mbt else "set", "runtime.gpu_memory_utilization": "auto" if auto_util else "set"},
+            layout,
+            total,
+            free,
+            sizes.kind,
+            tokens,
+            per_micro,
+            share,
+            sizes.sleep and shared,
+            trainer,
+            worker,
+            kv_rows,
+            {
+                key_mbt: "auto" if auto_mbt else "set",
+                "runtime.gpu_memory_utilization": "auto" if auto_util else "set",
+            },
         )
 
     fits = _fits
@@ -271,12 +298,23 @@ def plan(
     rows = sizes.rows or MIN_CONCURRENCY
 
     def share(n: int) -> float:  # the share (two decimals, rounded up) whose KV cache holds n rows
-        return min(MAX_SHARE, max(MIN_SHARE, math.ceil(100 * share_for_rows(shape, n, sizes.seq, total)) / 100))
+        return min(
+            MAX_SHARE, max(MIN_SHARE, math.ceil(100 * share_for_rows(shape, n, sizes.seq, total)) / 100)
+        )
 
     least, want = share(min(rows, MIN_CONCURRENCY)), share(rows)
     tokens = list(TOKEN_CHOICES) if auto_mbt else [int(microbatch_tokens or sizes.seq)]
     if not shared:  # two_gpu: the worker has its own card; only the trainer is planned here
         p = next((q for q in (build(t, None) for t in tokens) if fits(q)), None)
+        if p is None and not auto_mbt:  # calibrated on one_gpu runs at 4096 tokens: warn, do not refuse
+            p = build(tokens[0], None)
+            log.warning(
+                "memory plan: the trainer may need ~%.0f GiB at %s %d, more than the %.0f GiB free on its GPU",
+                p.trainer_bytes / GIB,
+                key_mbt,
+                p.microbatch_tokens,
+                free / GIB,
+            )
         if p is None:
             q = build(tokens[-1], None)
             raise MathptError(
@@ -301,7 +339,9 @@ def plan(
     if best is None:  # else the largest token budget, beside the largest worker share that fits
         best = next((q for q in (first_fit(t) for t in tokens) if q is not None), None)
     if best is None:
-        raise MathptError(_refusal(shape, sizes, free, total, microbatch_tokens, gpu_memory_utilization, build, least))
+        raise MathptError(
+            _refusal(shape, sizes, free, total, microbatch_tokens, gpu_memory_utilization, build, least)
+        )
     return best
 
 
@@ -336,9 +376,7 @@ def _refusal(shape, sizes, free, total, mbt, util, build, least) -> str:
         t_fit = next((t for t in TOKEN_CHOICES if _fits(build(t, fixed_util))), None)
         if t_fit is not None and t_fit < tokens:
             hints.append(f"set {key_mbt} <= {t_fit}")
-        s_fit = next(
-            (s for s in _descending(fixed_util, least) if _fits(build(tokens, s))), None
-        )
+        s_fit = next((s for s in _descending(fixed_util, least) if _fits(build(tokens, s))), None)
         if s_fit is not None:
             hints.append(f"runtime.gpu_memory_utilization <= {s_fit:.2f}")
         if not hints and _fits(build(TOKEN_CHOICES[-1], least)):
@@ -420,7 +458,10 @@ def log_peaks(logger, p: MemoryPlan | None, client, step: int) -> dict[str, floa
     what it reported with its last job), also logged as a line. Nothing on cpu."""
     if p is None:
         return {}
-    row = {**trainer_peaks(), **{f"worker_{k}": v for k, v in (getattr(client, "worker_memory", None) or {}).items()}}
+    row = {
+        **trainer_peaks(),
+        **{f"worker_{k}": v for k, v in (getattr(client, "worker_memory", None) or {}).items()},
+    }
     row["planned_trainer_gib"] = p.trainer_bytes / GIB
     row["planned_worker_gib"] = p.worker_bytes / GIB
     logger.record("memory_peaks", row, step=step)
