@@ -108,6 +108,20 @@ def _check_consistency(config: dict) -> None:
             f"config key 'teacher.unformatted_fraction': only the gold teacher takes it (teacher.kind is "
             f"{teacher['kind']!r}); remove the key"
         )
+    rt = config["runtime"]
+    eval_shards(config)  # an explicit num_shards beyond the layout's GPUs fails here
+    if rt["sleep_between_rollouts"]:
+        if rt["layout"] != "one_gpu":
+            raise ConfigError(
+                f"config key 'runtime.sleep_between_rollouts': only the one_gpu layout shares a GPU between "
+                f"the trainer and the worker (runtime.layout is {rt['layout']}); set it to false"
+            )
+        trained_pg = [a for a in PG_ALGOS if a in config["train"]["algorithms"]]
+        if trained_pg and config["train"]["pg"]["staleness"] != 0:
+            raise ConfigError(
+                "config key 'runtime.sleep_between_rollouts': the worker can only sleep while the trainer "
+                "updates when they take turns (train.pg.staleness 0); staleness 1 overlaps them"
+            )
     if config["model"]["kind"] == "pretrained" and not config["model"].get("path"):
         raise ConfigError("config key 'model.path': required when model.kind is 'pretrained'")
     if config["model"]["kind"] == "tiny" and not config["model"].get("tiny"):
@@ -192,6 +206,7 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
             return {**common, "sft": c["train"]["sft"]}
         return {**common, "pg": pg_config(c, algo), "pg_init": c["train"]["pg_init"]}
     if rule == "eval_gsm8k":
+        c["eval"]["gsm8k"]["num_shards"] = eval_shards(c)
         return {"gsm8k": c["eval"]["gsm8k"], "prompt_style": style, "runtime": _engine_slice(c)}
     if rule == "eval_lm":
         return {"lm_eval": c["eval"]["lm_eval"], "runtime": _engine_slice(c)}
@@ -206,24 +221,46 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
     raise KeyError(f"no config slice defined for rule {rule!r}")
 
 
+def eval_shards(config: dict) -> int:
+    """GSM8K eval shards: ``auto`` = the GPUs the layout gives inference (one_gpu 1, two_gpu 2, cpu 1);
+    an explicit value beyond the layout's GPUs is a config error (one_gpu asked for cuda:1 before)."""
+    from mathpt.gpus import gpus_for
+
+    layout, n = config["runtime"]["layout"], config["eval"]["gsm8k"]["num_shards"]
+    gpus = gpus_for(layout, "train")  # every GPU of the layout is free for inference in an eval job
+    if n == "auto":
+        return max(1, gpus)
+    if layout != "cpu" and n > gpus:
+        raise ConfigError(
+            f"config key 'eval.gsm8k.num_shards': {n} shards need {n} GPUs but runtime.layout {layout} "
+            f"gives inference {gpus}; set it to auto or at most {gpus}"
+        )
+    return n
+
+
 def engine_kwargs(runtime: dict, engine: str, *, raw_vllm: bool = False) -> dict:
     """Inference-engine constructor arguments from a ``runtime`` block: the one place they are built.
 
-    ``max_model_len`` serves both engines; vLLM also gets ``gpu_memory_utilization``. mathpt's own
+    ``max_model_len`` serves both engines; vLLM also gets ``gpu_memory_utilization`` (``auto``, unless
+    the memory planner resolved it for a training job: 0.85 for an engine with a GPU to itself, the
+    256 MiB default KV cache on cpu). mathpt's own
     VLLMEngine reads that setting on CPU as a fraction of RAM; ``raw_vllm=True`` is for callers that
     hand the arguments to ``vllm.LLM`` directly (lm-eval's vllm backend), so the translation is made here.
     """
     kwargs: dict[str, Any] = {"max_model_len": runtime["max_model_len"]}
     if engine != "vllm":
         return kwargs
+    util = runtime["gpu_memory_utilization"]
+    if util == "auto":
+        from mathpt.runtime.memory import STANDALONE_UTILIZATION
+
+        util = None if runtime["layout"] == "cpu" else STANDALONE_UTILIZATION
     if raw_vllm and runtime["layout"] == "cpu":
         from mathpt.engines.vllm_engine import cpu_kv_cache_bytes
 
-        kwargs.update(
-            enforce_eager=True, kv_cache_memory_bytes=cpu_kv_cache_bytes(runtime["gpu_memory_utilization"])
-        )
+        kwargs.update(enforce_eager=True, kv_cache_memory_bytes=cpu_kv_cache_bytes(util))
     else:
-        kwargs["gpu_memory_utilization"] = runtime["gpu_memory_utilization"]
+        kwargs["gpu_memory_utilization"] = util
     return kwargs
 
 

@@ -301,6 +301,10 @@ class RunLogger:
         """Record eval metrics of the weights from optimizer step ``step`` (whenever they arrive)."""
         self._wandb_log("eval", step, self._write("eval", step, metrics))
 
+    def record(self, kind: str, metrics: Mapping[str, Any], step: int) -> None:
+        """Record a row of another ``kind`` (``memory_plan``, ``memory_peaks``): metrics.jsonl only."""
+        self._write(kind, step, metrics)
+
     def summary(self, values: Mapping[str, Any]) -> None:
         """Merge final values (best accuracy, total time...) into ``summary.json`` and the W&B summary."""
         values = scrub(dict(values))

@@ -6,7 +6,7 @@ sys.path.insert(
 )  # import mathpt from the checkout even if not installed
 
 from mathpt.algorithms import ALGO_REGEX, MODEL_REGEX, PG_ALGOS as ALL_PG_ALGOS
-from mathpt.config import canonical, rule_slice, validate_config
+from mathpt.config import canonical, eval_shards, rule_slice, validate_config
 from mathpt.gpus import gpus_for
 
 validate_config(config)
@@ -17,7 +17,7 @@ SEEDS = config["train"]["seeds"]
 PG_ALGOS = [a for a in ALGOS if a in ALL_PG_ALGOS]
 RUNS = [f"{a}-seed{s}" for a in ALGOS for s in SEEDS]
 MODELS = ["base"] + RUNS
-SHARDS = config["eval"]["gsm8k"]["num_shards"]
+SHARDS = eval_shards(config)  # auto: the GPUs the layout gives inference
 
 
 wildcard_constraints:
@@ -45,4 +45,5 @@ def train_init(wildcards):
 
 
 def infer_gpus():
-    return gpus_for(LAYOUT, "infer") * (SHARDS if LAYOUT != "cpu" else 0)
+    """GPUs of a GSM8K eval job: one per shard (eval_shards keeps them within the layout's GPUs)."""
+    return SHARDS if LAYOUT != "cpu" else 0

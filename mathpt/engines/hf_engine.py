@@ -29,6 +29,7 @@ VLLM_ONLY_KWARGS = frozenset(
         "load_format",
         "skip_tokenizer_init",
         "enable_prefix_caching",
+        "enable_sleep_mode",
     }
 )
 
@@ -270,6 +271,17 @@ class HFEngine:
                 raise KeyError(f"load_weights: unknown parameter {name!r}")
             params[name].data.copy_(tensor)
         self.weight_version = version
+
+    def sleep(self) -> None:
+        """Free the GPU while the trainer updates (vLLM's level-1 sleep, done by hand): the weights
+        go to CPU RAM; a no-op on cpu. ``wake_up`` brings them back."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
 
     def close(self) -> None:
         self.model = None

@@ -189,5 +189,27 @@ class VLLMEngine:
         self.llm.reset_prefix_cache()
         self.weight_version = version
 
+    def sleep(self) -> None:
+        """Level-1 sleep (needs ``enable_sleep_mode=True``; CUDA only): weights to CPU RAM, KV cache
+        dropped, so the trainer beside it can use the memory until ``wake_up``."""
+        self.llm.reset_prefix_cache()  # the cached prefixes' KV is about to be dropped
+        self.llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self.llm.wake_up()
+
+    def memory_report(self) -> dict[str, float]:
+        """vLLM's own sizes: its share of the GPU and the KV cache it allocated (GiB)."""
+        cfg = self.llm.llm_engine.vllm_config
+        cache, model = cfg.cache_config, cfg.model_config
+        out = {"vllm_gpu_memory_utilization": float(cache.gpu_memory_utilization)}
+        blocks = getattr(cache, "num_gpu_blocks", None)
+        if blocks:
+            layers = model.get_num_layers(cfg.parallel_config)
+            kv_heads = model.get_num_kv_heads(cfg.parallel_config)
+            per_token = 2 * layers * kv_heads * model.get_head_size() * model.dtype.itemsize
+            out["vllm_kv_cache_gib"] = blocks * cache.block_size * per_token / 1024**3
+        return out
+
     def close(self) -> None:
         self.llm = None

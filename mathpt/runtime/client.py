@@ -120,7 +120,10 @@ class InferenceClient:
     ``engine``: "vllm" | "hf"; ``device``: the worker's device, "cpu" or "cuda:N" (trainer's
     numbering; the trainer's device is wherever the pushed model lives); ``handoff``:
     "auto" | "shm" | "cuda_ipc" | "nccl" | "disk"; ``engine_kwargs`` go to the engine (for vLLM on
-    a shared GPU, ``gpu_memory_utilization`` is the worker's share of the GPU).
+    a shared GPU, ``gpu_memory_utilization`` is the worker's share of the GPU); ``sleep_when_idle``:
+    the worker puts its engine to sleep whenever it runs out of jobs (``runtime.sleep_between_rollouts``),
+    and this side empties torch's cache before each push so the waking worker gets its memory back.
+    ``worker_memory`` holds what the worker last reported of its GPU memory (GiB).
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class InferenceClient:
         startup_timeout_s: float = 900.0,
         job_timeout_s: float = 3600.0,
         handoff_timeout_s: float = 600.0,
+        sleep_when_idle: bool = False,
     ) -> None:
         if engine not in ("vllm", "hf"):
             raise MathptError(f"engine {engine!r}: expected 'vllm' or 'hf'")
@@ -147,6 +151,8 @@ class InferenceClient:
         # Every wait is bounded: a worker that beats but is stuck (a wedged engine, a collective that
         # never completes) ends the job with a message naming what was waited for.
         self.job_timeout_s, self.handoff_timeout_s = job_timeout_s, handoff_timeout_s
+        self.sleep_when_idle = sleep_when_idle
+        self.worker_memory: dict[str, float] = {}
         self._proc = None
         self._result_q = None
         self._mailbox = None
@@ -182,7 +188,14 @@ class InferenceClient:
         self._ctrl_q, self._ack_q = ctx.Queue(), ctx.Queue()
         self._mailbox = Mailbox(ctx)
         self._heartbeat = ctx.Value("d", time.time() + BOOT_GRACE_S, lock=False)
-        cfg = WorkerConfig(self.engine, self.model_path, self.device, self.engine_kwargs, os.getpid())
+        cfg = WorkerConfig(
+            self.engine,
+            self.model_path,
+            self.device,
+            self.engine_kwargs,
+            os.getpid(),
+            sleep_when_idle=self.sleep_when_idle,
+        )
         self._proc = ctx.Process(
             target=worker_main,
             args=(
@@ -300,6 +313,7 @@ class InferenceClient:
             if msg[0] == "result":
                 self._outstanding.pop(msg[1].job_id, None)
                 self._results[msg[1].job_id] = msg[1]
+                self.worker_memory.update(msg[1].gpu_memory or {})
             elif msg[0] == "ready":
                 self._ready = msg[1]
             elif msg[0] == "fatal":
@@ -361,6 +375,8 @@ class InferenceClient:
                 f"push_weights: version {version} must exceed the last pushed version {self._pushed}"
             )
         self.wait_ready()
+        if self.sleep_when_idle and torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()  # the sleeping worker wakes for these weights: give back the cache
         named = named_weights(model)
         if not named:
             raise MathptError("push_weights: the model has no parameters")

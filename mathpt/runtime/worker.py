@@ -93,6 +93,7 @@ class JobResult:
     error: str | None = None
     elapsed_s: float = 0.0
     tag: dict | None = None
+    gpu_memory: dict[str, float] | None = None  # the worker's GPU memory after the job (GiB)
 
     @property
     def ok(self) -> bool:
@@ -128,6 +129,58 @@ class WorkerConfig:
     engine_kwargs: dict
     parent_pid: int
     heartbeat_interval_s: float = 0.5
+    sleep_when_idle: bool = False
+
+
+class IdleSleep:
+    """Puts a sleep-capable engine to sleep when the worker runs out of work and wakes it for the next
+    job or new weights (``runtime.sleep_between_rollouts``). At staleness 0 the trainer waits for each
+    rollout batch, so the worker has nothing to do while it trains: the engine sleeps before the batch
+    is returned, and the trainer's update never overlaps the worker's KV cache."""
+
+    def __init__(self, engine, enabled: bool) -> None:
+        self.engine, self.asleep, self.sleeps = engine, False, 0
+        self.enabled = enabled and hasattr(engine, "sleep")
+        if enabled and not self.enabled:
+            log.warning("%s cannot sleep: sleep_between_rollouts ignored", type(engine).__name__)
+
+    def sleep(self) -> None:
+        if self.enabled and not self.asleep:
+            self.engine.sleep()
+            self.asleep, self.sleeps = True, self.sleeps + 1
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.engine.wake_up()
+            self.asleep = False
+
+
+def gpu_memory_report(engine) -> dict[str, float] | None:
+    """This worker's GPU memory (GiB): torch's peaks, the process's total as the driver sees it (NVML,
+    which counts vLLM's own allocator too), and the engine's own figures; None on cpu."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    gib = 1024**3
+    out = {
+        "torch_max_allocated_gib": torch.cuda.max_memory_allocated() / gib,
+        "torch_max_reserved_gib": torch.cuda.max_memory_reserved() / gib,
+    }
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(pynvml.nvmlDeviceGetHandleByIndex(i)):
+                if p.pid == os.getpid() and p.usedGpuMemory:
+                    out["nvml_process_gib"] = p.usedGpuMemory / gib
+    except Exception:  # noqa: BLE001 - no NVML, or PIDs from another namespace
+        pass
+    report = getattr(engine, "memory_report", None)
+    if report is not None:
+        out.update(report())
+    return out
 
 
 def _physical_gpu(device: str) -> str:
@@ -218,7 +271,7 @@ def worker_main(cfg: WorkerConfig, job_q, result_q, ctrl_q, ack_q, mailbox, hear
         engine = make_engine(cfg.engine, cfg.model_path, device=device, **cfg.engine_kwargs)
         dtype = getattr(engine, "dtype", None)
         result_q.put(("ready", {"pid": os.getpid(), "dtype": dtype}))
-        _serve(engine, state, job_q, result_q)
+        _serve(engine, state, job_q, result_q, IdleSleep(engine, cfg.sleep_when_idle))
     except BaseException:  # noqa: BLE001 - the trainer turns this into a clear error
         result_q.put(("fatal", traceback.format_exc()))
     finally:
@@ -243,7 +296,8 @@ def _release_semaphores() -> None:
         pass
 
 
-def _serve(engine, state: dict, job_q, result_q) -> None:
+def _serve(engine, state: dict, job_q, result_q, idle: IdleSleep | None = None) -> None:
+    idle = idle or IdleSleep(engine, False)
     pending: deque[Job] = deque()
     stop = False
     while not stop:
@@ -261,13 +315,22 @@ def _serve(engine, state: dict, job_q, result_q) -> None:
                 pending.append(m[1])
             elif m[0] == "stop":
                 stop = True
+        if pending or any(m[0] != "stop" for m in msgs):
+            idle.wake()  # a job or new weights: both need the engine awake
         receiver = state["receiver"]
         if receiver is not None and not holds_weights(pending, engine.weight_version):
             receiver.apply_newest(engine)  # an exception here is fatal: the engine may be half-updated
         job = _next_job(pending, engine.weight_version)
         if job is None:
             continue
-        result_q.put(("result", _run(engine, job)))
+        res = _run(engine, job)
+        if not pending and job_q.empty():
+            idle.sleep()  # before the result goes back: the trainer trains beside a sleeping engine
+        try:
+            res.gpu_memory = gpu_memory_report(engine)
+        except Exception:  # noqa: BLE001 - a report, never a reason to fail a job
+            res.gpu_memory = None
+        result_q.put(("result", res))
 
 
 def _run(engine, job: Job) -> JobResult:

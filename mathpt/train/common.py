@@ -51,14 +51,20 @@ def wandb_kwargs(wandb_cfg: dict | None) -> dict:
 def client_kwargs(cfg: dict, model_path: str, worker_device: str) -> dict:
     """InferenceClient arguments for the trainer's worker, from the ``runtime`` block."""
     from mathpt.config import engine_kwargs
+    from mathpt.runtime.memory import sleep_enabled
 
     rt = cfg["runtime"]
+    sleep = sleep_enabled(cfg)
+    kwargs = engine_kwargs(rt, rt["engine"])
+    if sleep and rt["engine"] == "vllm":
+        kwargs["enable_sleep_mode"] = True  # vLLM's own allocator, so sleep() can release the memory
     return {
         "engine": rt["engine"],
         "model_path": model_path,
         "device": worker_device,
         "handoff": rt["handoff"],
-        "engine_kwargs": engine_kwargs(rt, rt["engine"]),
+        "engine_kwargs": kwargs,
+        "sleep_when_idle": sleep,
         "heartbeat_timeout_s": rt["heartbeat_timeout_s"],
         "job_timeout_s": rt["job_timeout_s"],
         "handoff_timeout_s": rt["handoff_timeout_s"],

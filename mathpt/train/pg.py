@@ -41,6 +41,7 @@ from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient, RolloutPipeline
+from mathpt.runtime.memory import log_peaks, log_plan, resolve_memory
 from mathpt.tracking import RunLogger
 from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
 from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
@@ -191,6 +192,7 @@ def train_pg(
 ) -> dict:
     """Train one PG variant (``cfg['pg']['loss_type']``) from ``init_dir``; write an HF checkpoint."""
     pg, seed, style = cfg["pg"], cfg["seed"], cfg["prompt_style"]
+    memory = resolve_memory(cfg, init_dir)  # fills `auto` memory settings; refuses what cannot fit
     model, tokenizer, worker_device = load_policy(cfg, init_dir)
     optimizer = make_optimizer(model, pg)  # fp32 master weights when the model is bf16
     scheduler = lr_schedule(
@@ -242,6 +244,7 @@ def train_pg(
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
+        log_plan(logger, memory)
         evals = EvalTracker(client, val, reward_fn, val_params(pg["val_max_new_tokens"], stop), logger)
         rollouts = RolloutPipeline(
             client,
@@ -329,6 +332,7 @@ def train_pg(
             if done % pg["checkpoint_every"] == 0 and done < pg["n_steps"]:
                 save_state(state_dir, model, optimizer, scheduler, done)
         evals.finish()
+        log_peaks(logger, memory, client, step=pg["n_steps"])
         logger.summary({"steps": pg["n_steps"], "resumed_at": start, "wall_s": time.perf_counter() - t_run})
     save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, train_prompts_path])
     clear_state(state_dir)

@@ -24,6 +24,7 @@ from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient
+from mathpt.runtime.memory import log_peaks, log_plan, resolve_memory
 from mathpt.shards import load_sft_examples, read_index
 from mathpt.tracking import RunLogger
 from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
@@ -77,6 +78,8 @@ def train_sft(
 ) -> dict:
     """Train ``cfg['sft']`` from ``init_dir`` on the shards; write an HF checkpoint to ``out_dir``."""
     sft, seed = cfg["sft"], cfg["seed"]
+    # fills `auto` memory settings; refuses what cannot fit (the longest example runs alone)
+    memory = resolve_memory(cfg, init_dir, read_index(shards_dir, verify=False)["max_seq_len"])
     model, tokenizer, worker_device = load_policy(cfg, init_dir)
 
     examples = load_sft_examples(shards_dir)
@@ -108,6 +111,7 @@ def train_sft(
         **wandb_kwargs(wandb_cfg),
     )
     with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
+        log_plan(logger, memory)
         evals = EvalTracker(client, val, reward_fn, params, logger)
         if start == 0:
             evals.submit(model, step=0)
@@ -150,6 +154,7 @@ def train_sft(
             if done % sft["checkpoint_every"] == 0 and done < total_steps:
                 save_state(state_dir, model, optimizer, scheduler, done, {"clipped_steps": clipped_steps})
         evals.finish()
+        log_peaks(logger, memory, client, step=total_steps)
         logger.summary(
             {
                 "steps": total_steps,
