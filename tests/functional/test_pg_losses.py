@@ -34,7 +34,13 @@ def _inputs(seed: int = 0):
 def _loss_and_grad(algo: str, logp, old, mask, adv, **kw):
     p = logp.clone().requires_grad_()
     per_token, meta = compute_policy_gradient_loss(
-        p, algo, raw_rewards=adv[:, None], advantages=adv[:, None], old_log_probs=old, response_mask=mask, **kw
+        p,
+        algo,
+        raw_rewards=adv[:, None],
+        advantages=adv[:, None],
+        old_log_probs=old,
+        response_mask=mask,
+        **kw,
     )
     entry = algorithms.get(algo)
     agg = entry.loss_aggregation or "seq_mean"
@@ -154,10 +160,13 @@ def test_cispo_keeps_gradient_on_clipped_tokens():
 def test_rloo_is_reinforce_with_leave_one_out_advantages():
     logp, old, mask, adv = _inputs(6)
     loss, grad, _ = _loss_and_grad("rloo", logp, old, mask, adv)
-    want = sum(
-        -float(adv[i]) * sum(float(logp[i, t]) for t in range(T) if mask[i, t]) / int(mask[i].sum())
-        for i in range(B)
-    ) / B
+    want = (
+        sum(
+            -float(adv[i]) * sum(float(logp[i, t]) for t in range(T) if mask[i, t]) / int(mask[i].sum())
+            for i in range(B)
+        )
+        / B
+    )
     torch.testing.assert_close(float(loss), want, rtol=1e-12, atol=1e-12)
 
 
