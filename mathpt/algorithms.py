@@ -1,8 +1,11 @@
-"""The one registry of post-training algorithms: names, labels and run-name parsing.
+"""The one registry of post-training algorithms: names, labels, trainers, losses and advantages.
 
-Every other module (config validation, the loss dispatch, tables, curves, the Snakemake wildcard
-regexes) takes the algorithm names from here, so adding an algorithm is one entry in ``ALGORITHMS``
-plus its loss in ``mathpt.functional``. The schema's enum is checked against this list by a test.
+Every other module (config validation, the trainer choice, the loss dispatch, the advantage
+estimator, tables, curves, the Snakemake wildcard regexes) takes the algorithms from here, so adding
+one is an entry in ``ALGORITHMS``, its loss in ``mathpt.functional.POLICY_LOSSES`` (and its advantage
+estimator in ``ADVANTAGE_ESTIMATORS`` if new), its defaults in config/schema.yaml (``train.<name>``)
+and a float64 test. The schema's enum is checked against this list by a test. No torch here: the
+Snakefile imports this module.
 """
 
 from __future__ import annotations
@@ -10,26 +13,99 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+TRAINERS = ("sft", "pg")  # train_sft (from traces) or train_pg (from rollouts)
+
 
 @dataclass(frozen=True)
 class Algorithm:
     name: str
     label: str  # for plots and reports
-    policy_gradient: bool  # trained from rollouts (train_pg) rather than from traces (train_sft)
+    trainer: str  # one of TRAINERS
+    # policy gradient only:
+    loss: str | None = None  # key of mathpt.functional.POLICY_LOSSES
+    advantage: str | None = None  # key of mathpt.functional.ADVANTAGE_ESTIMATORS
+    loss_aggregation: str | None = None  # the aggregation that defines the algorithm; None = config's
+    dynamic_sampling: bool = False  # drop all-equal groups and draw more prompts (DAPO)
+    reference: str = ""  # where the formula comes from (README "The algorithms, exactly")
+
+    @property
+    def policy_gradient(self) -> bool:
+        """Trained from rollouts (train_pg) rather than from traces (train_sft)."""
+        return self.trainer == "pg"
+
+
+def _pg(name: str, label: str, loss: str, advantage: str, **kw) -> Algorithm:
+    return Algorithm(name, label, "pg", loss=loss, advantage=advantage, **kw)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
-        Algorithm("sft", "SFT", policy_gradient=False),
-        Algorithm("no_baseline", "REINFORCE (no baseline)", policy_gradient=True),
-        Algorithm("reinforce_with_baseline", "REINFORCE + baseline", policy_gradient=True),
-        Algorithm("grpo_clip", "GRPO-clip", policy_gradient=True),
+        Algorithm("sft", "SFT", "sft"),
+        # the four of the original study (CS336 assignment 5)
+        _pg("no_baseline", "REINFORCE (no baseline)", "reinforce_raw", "group"),
+        _pg("reinforce_with_baseline", "REINFORCE + baseline", "reinforce", "group"),
+        _pg("grpo_clip", "GRPO-clip", "clip", "group"),
+        # the peers' (issue 29)
+        _pg(
+            "dr_grpo",
+            "Dr. GRPO",
+            "clip",
+            "group_mean",
+            loss_aggregation="sum_norm",
+            reference="Liu et al. 2025, Understanding R1-Zero-Like Training (arXiv:2503.20783)",
+        ),
+        _pg(
+            "gspo",
+            "GSPO",
+            "gspo",
+            "group",
+            loss_aggregation="seq_mean",
+            reference="Zheng et al. 2025, Group Sequence Policy Optimization (arXiv:2507.18071)",
+        ),
+        _pg(
+            "rloo",
+            "RLOO",
+            "reinforce",
+            "rloo",
+            reference="Ahmadian et al. 2024, Back to Basics (arXiv:2402.14740); Kool et al. 2019",
+        ),
+        _pg(
+            "dapo",
+            "DAPO",
+            "clip",
+            "group",
+            loss_aggregation="token_mean",
+            dynamic_sampling=True,
+            reference="Yu et al. 2025, DAPO (arXiv:2503.14476)",
+        ),
+        _pg(
+            "cispo",
+            "CISPO",
+            "cispo",
+            "group",
+            loss_aggregation="token_mean",
+            reference="MiniMax 2025, MiniMax-M1 (arXiv:2506.13585)",
+        ),
     )
 }
 ALGOS: tuple[str, ...] = tuple(ALGORITHMS)
 PG_ALGOS: tuple[str, ...] = tuple(a.name for a in ALGORITHMS.values() if a.policy_gradient)
 BASE = "base"  # the untrained model every comparison starts from; not an algorithm
+
+
+def get(name: str) -> Algorithm:
+    """The registry entry of ``name``; a ValueError naming the known algorithms otherwise."""
+    try:
+        return ALGORITHMS[name]
+    except KeyError:
+        raise ValueError(f"unknown algorithm {name!r}; expected one of {ALGOS}") from None
+
+
+def trainer(name: str) -> str:
+    """Which loop trains ``name``: "sft" (train_sft) or "pg" (train_pg)."""
+    return get(name).trainer
+
 
 ALGO_REGEX = "|".join(ALGOS)  # for Snakemake wildcard_constraints
 MODEL_REGEX = rf"{BASE}|({ALGO_REGEX})-seed\d+"

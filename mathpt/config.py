@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from mathpt import algorithms
 from mathpt.algorithms import ALGOS, PG_ALGOS  # noqa: F401  (re-exported for callers)
 from mathpt.io import MathptError
 
@@ -28,14 +29,22 @@ class ConfigError(MathptError):
 
 
 def _resolve(node: dict, schema: dict) -> dict:
-    """``node`` with a local ``$ref`` (``#/$defs/x``) merged in; the node's own keys win."""
+    """``node`` with a local ``$ref`` (``#/$defs/x``) merged in; the node's own keys win, and its
+    ``properties`` are merged property by property (so a node can add defaults to a shared block)."""
     ref = node.get("$ref")
     if not ref:
         return node
     target: Any = schema
     for part in ref.removeprefix("#/").split("/"):
         target = target[part]
-    return {**_resolve(target, schema), **{k: v for k, v in node.items() if k != "$ref"}}
+    base = _resolve(target, schema)
+    out = {**base, **{k: v for k, v in node.items() if k != "$ref"}}
+    if "properties" in node and "properties" in base:
+        props = dict(base["properties"])
+        for key, sub in node["properties"].items():
+            props[key] = {**props.get(key, {}), **sub}
+        out["properties"] = props
+    return out
 
 
 def apply_defaults(config: dict, schema: dict) -> dict:
@@ -128,6 +137,24 @@ def _check_consistency(config: dict) -> None:
         raise ConfigError("config key 'model.tiny': required when model.kind is 'tiny'")
     if config["train"]["pg_init"] == "sft" and "sft" not in config["train"]["algorithms"]:
         raise ConfigError("config key 'train.pg_init': 'sft' needs 'sft' in train.algorithms")
+    for algo in PG_ALGOS:  # what defines an algorithm is not a setting (mathpt/algorithms.py)
+        entry, merged = algorithms.get(algo), pg_config(config, algo)
+        if entry.loss_aggregation and merged["loss_aggregation"] != entry.loss_aggregation:
+            raise ConfigError(
+                f"config key 'train.{algo}.loss_aggregation': {algo} is defined by "
+                f"{entry.loss_aggregation!r}, got {merged['loss_aggregation']!r}"
+            )
+        own = config["train"].get(algo) or {}
+        if "normalize_by_std" in own and entry.advantage != "group":
+            raise ConfigError(
+                f"config key 'train.{algo}.normalize_by_std': {algo}'s advantages are "
+                f"{entry.advantage!r} (mathpt/algorithms.py), the std setting does not apply"
+            )
+        dynamic = {"max_draws", "overlong_shaping", "overlong_buffer_fraction"} & set(own)
+        if dynamic and not entry.dynamic_sampling:
+            raise ConfigError(
+                f"config key 'train.{algo}.{sorted(dynamic)[0]}': only for dynamic sampling (dapo)"
+            )
     # The final eval must let a model say what training let it say: a response that grew under RL
     # and is cut by a shorter eval budget counts as wrong, penalizing exactly the PG variants.
     eval_budget = config["eval"]["gsm8k"]["max_new_tokens"]
@@ -202,7 +229,7 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
             "experiment": c["experiment"],
             "wandb": c["wandb"],
         }
-        if algo == "sft":
+        if algorithms.trainer(algo) == "sft":
             return {**common, "sft": c["train"]["sft"]}
         return {**common, "pg": pg_config(c, algo), "pg_init": c["train"]["pg_init"]}
     if rule == "eval_gsm8k":

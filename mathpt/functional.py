@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from mathpt import algorithms
 from mathpt.algorithms import PG_ALGOS
 from mathpt.logprob_kernel import chunked_log_probs_from_hidden
 
@@ -196,6 +197,38 @@ def sft_microbatch_train_step(
 # --------------------------------------------------------------------------------------------------
 
 
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    estimator: str = "group",
+    advantage_eps: float = 1e-6,
+    normalize_by_std: bool = True,
+) -> torch.Tensor:
+    """Advantages (B,) from rewards (B,) in consecutive groups of ``group_size`` (one prompt each).
+
+    group: (r - group mean) / (group std + eps), unbiased std, or r - group mean when
+    ``normalize_by_std`` is false (GRPO; CS336). group_mean: r - group mean, never divided by the
+    std (Dr. GRPO). rloo: r_i - mean of the other G - 1 rewards of the group (the leave-one-out
+    baseline; = G / (G - 1) x (r_i - group mean)). A group whose rewards are all equal gets zeros.
+    """
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; expected one of {ADVANTAGE_ESTIMATORS}")
+    grouped = rewards.view(-1, group_size)
+    total = grouped.sum(dim=1, keepdim=True)
+    if estimator == "rloo":
+        if group_size < 2:
+            raise ValueError("the leave-one-out baseline needs group_size >= 2")
+        return (grouped - (total - grouped) / (group_size - 1)).reshape(-1)
+    centered = grouped - total / group_size
+    if estimator == "group" and normalize_by_std:
+        std = grouped.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(grouped)
+        return (centered / (std + advantage_eps)).reshape(-1)
+    return centered.reshape(-1)
+
+
+ADVANTAGE_ESTIMATORS = ("group", "group_mean", "rloo")
+
+
 def compute_group_normalized_rewards(
     reward_fn,
     rollout_responses: list[str],
@@ -203,12 +236,15 @@ def compute_group_normalized_rewards(
     group_size: int,
     advantage_eps: float,
     normalize_by_std: bool,
+    estimator: str = "group",
+    reward_offsets: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Score each response and turn rewards into group-relative advantages.
+    """Score each response and turn rewards into group-relative advantages (``group_advantages``).
 
-    Responses come in consecutive groups of ``group_size`` (the samples of one prompt). advantage =
-    (r - group mean) / (group std + eps) with the unbiased std, or r - group mean when
-    ``normalize_by_std`` is false. A group whose rewards are all equal gets zero advantages.
+    Responses come in consecutive groups of ``group_size`` (the samples of one prompt); the default
+    estimator gives (r - group mean) / (group std + eps) with the unbiased std, or r - group mean
+    when ``normalize_by_std`` is false. ``reward_offsets`` (B,) are added to the scores before the
+    advantages (DAPO's overlong shaping); the returned rewards include them.
     Returns (advantages (B,), raw_rewards (B,), metadata of floats for logging).
     """
     n = len(rollout_responses)
@@ -218,13 +254,14 @@ def compute_group_normalized_rewards(
         raise ValueError(f"{n} responses do not split into groups of {group_size}")
     scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths, strict=True)]
     raw = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
+    if reward_offsets is not None:
+        raw = raw + reward_offsets.to(raw.dtype)
     grouped = raw.view(-1, group_size)
-    centered = grouped - grouped.mean(dim=1, keepdim=True)
     if group_size > 1:
         std = grouped.std(dim=1, keepdim=True)  # unbiased
     else:
         std = torch.zeros_like(grouped)
-    adv = centered / (std + advantage_eps) if normalize_by_std else centered
+    adv = group_advantages(raw, group_size, estimator, advantage_eps, normalize_by_std)
     meta = {
         "reward_mean": raw.mean().item(),
         "reward_std": raw.std().item() if n > 1 else 0.0,
@@ -237,7 +274,19 @@ def compute_group_normalized_rewards(
         "advantage_mean": adv.mean().item() if n else 0.0,
         "advantage_std": adv.std().item() if n > 1 else 0.0,
     }
-    return adv.reshape(-1), raw, meta
+    return adv, raw, meta
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the reward.
+
+    0 up to ``max_len - buffer`` tokens, then falls linearly to -1 at ``max_len``, -1 beyond.
+    """
+    if buffer < 1 or buffer > max_len:
+        raise ValueError(f"overlong buffer must be in [1, max_len={max_len}], got {buffer}")
+    lengths = lengths.to(torch.float32)
+    soft = ((max_len - buffer) - lengths) / buffer
+    return torch.clamp(torch.minimum(soft, torch.zeros_like(soft)), min=-1.0)
 
 
 def compute_naive_policy_gradient_loss(
@@ -252,18 +301,71 @@ def compute_grpo_clip_loss(
     policy_log_probs: torch.Tensor,
     old_log_probs: torch.Tensor,
     cliprange: float,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token PPO/GRPO clipped surrogate -min(r A, clip(r, 1-c, 1+c) A), r = p / p_old.
+    """Per-token PPO/GRPO clipped surrogate -min(r A, clip(r, 1-c, 1+c_high) A), r = p / p_old.
 
+    ``cliprange_high`` (default ``cliprange``) decouples the upper bound (DAPO's clip-higher).
     metadata: ``clipped`` (B, T) bool, true where the clipped term is the smaller one (the
     gradient is cut off there), and ``ratio`` (B, T), detached.
     """
+    high = cliprange if cliprange_high is None else cliprange_high
     adv = advantages.to(policy_log_probs.dtype)
     ratio = torch.exp(policy_log_probs - old_log_probs.to(policy_log_probs.dtype))
     unclipped = ratio * adv
-    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * adv
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + high) * adv
     loss = -torch.minimum(unclipped, clipped)
     return loss, {"clipped": (clipped < unclipped).detach(), "ratio": ratio.detach()}
+
+
+def compute_gspo_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    cliprange: float,
+    cliprange_high: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GSPO's sequence-level clipped surrogate (Zheng et al. 2025), per token for aggregation.
+
+    s_i = exp(mean over the response of log(p / p_old)) (the length-normalized sequence ratio);
+    loss_i = -min(s_i A_i, clip(s_i, 1-c, 1+c_high) A_i), the same on every token of row i, so a
+    per-sequence mean (seq_mean) gives loss_i itself and the gradient flows through all its tokens.
+    metadata: ``clipped`` and ``ratio`` (B, T), constant along each row, detached.
+    """
+    high = cliprange if cliprange_high is None else cliprange_high
+    adv = advantages.to(policy_log_probs.dtype)
+    log_ratio = policy_log_probs - old_log_probs.to(policy_log_probs.dtype)
+    seq_ratio = torch.exp(masked_mean(log_ratio, response_mask, dim=-1)).unsqueeze(-1)  # (B, 1)
+    unclipped = seq_ratio * adv
+    clipped = torch.clamp(seq_ratio, 1.0 - cliprange, 1.0 + high) * adv
+    loss = (-torch.minimum(unclipped, clipped)).expand_as(policy_log_probs)
+    shape = policy_log_probs.shape
+    return loss, {
+        "clipped": (clipped < unclipped).detach().expand(shape),
+        "ratio": seq_ratio.detach().expand(shape),
+    }
+
+
+def compute_cispo_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    cliprange: float,
+    cliprange_high: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CISPO (MiniMax-M1, 2025): REINFORCE weighted by the clipped, detached IS ratio.
+
+    loss = -sg(clip(r, 1-c, 1+c_high)) A log p, r = p / p_old. The weight is a constant, so every
+    token keeps its gradient A * w * grad log p (GRPO-clip drops clipped tokens' gradient); the
+    clip only bounds the weight. ``cliprange`` 1 = no lower bound (MiniMax-M1 sets eps_low large).
+    metadata: ``clipped`` (B, T) where the weight was clipped, ``ratio`` (B, T), detached.
+    """
+    log_ratio = (policy_log_probs - old_log_probs.to(policy_log_probs.dtype)).detach()
+    ratio = torch.exp(log_ratio)
+    weight = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange_high)
+    loss = -weight * advantages.to(policy_log_probs.dtype) * policy_log_probs
+    return loss, {"clipped": weight != ratio, "ratio": ratio}
 
 
 LOSS_TYPES = PG_ALGOS  # one loss per policy-gradient algorithm of the registry
@@ -322,6 +424,49 @@ def policy_drift_sums(
     }
 
 
+def _needs(loss_type: str, **inputs) -> None:
+    missing = [k for k, v in inputs.items() if v is None]
+    if missing:
+        raise ValueError(f"loss_type {loss_type!r} needs {', '.join(missing)}")
+
+
+def _loss_reinforce_raw(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
+    _needs(loss_type, raw_rewards=raw_rewards)
+    return compute_naive_policy_gradient_loss(raw_rewards, p), {}
+
+
+def _loss_reinforce(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
+    _needs(loss_type, advantages=advantages)
+    return compute_naive_policy_gradient_loss(advantages, p), {}
+
+
+def _loss_clip(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
+    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange)
+    return compute_grpo_clip_loss(advantages, p, old, cliprange, cliprange_high)
+
+
+def _loss_gspo(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
+    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange, response_mask=mask)
+    return compute_gspo_loss(advantages, p, old, mask, cliprange, cliprange_high)
+
+
+def _loss_cispo(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
+    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange)
+    return compute_cispo_loss(
+        advantages, p, old, cliprange, cliprange if cliprange_high is None else cliprange_high
+    )
+
+
+# The per-token losses the registry's entries name (``Algorithm.loss``).
+POLICY_LOSSES = {
+    "reinforce_raw": _loss_reinforce_raw,  # -r log p (no baseline)
+    "reinforce": _loss_reinforce,  # -A log p
+    "clip": _loss_clip,  # PPO/GRPO clipped surrogate, optionally decoupled bounds
+    "gspo": _loss_gspo,  # sequence-level clipped surrogate
+    "cispo": _loss_cispo,  # clipped detached IS weight x REINFORCE
+}
+
+
 def compute_policy_gradient_loss(
     policy_log_probs: torch.Tensor,
     loss_type: str,
@@ -329,21 +474,25 @@ def compute_policy_gradient_loss(
     advantages: torch.Tensor | None = None,
     old_log_probs: torch.Tensor | None = None,
     cliprange: float | None = None,
+    cliprange_high: float | None = None,
+    response_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Dispatch to the per-token loss of ``loss_type``; rewards/advantages are (B, 1)."""
-    if loss_type == "no_baseline":
-        if raw_rewards is None:
-            raise ValueError("loss_type 'no_baseline' needs raw_rewards")
-        return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
-    if loss_type == "reinforce_with_baseline":
-        if advantages is None:
-            raise ValueError("loss_type 'reinforce_with_baseline' needs advantages")
-        return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
-    if loss_type == "grpo_clip":
-        if advantages is None or old_log_probs is None or cliprange is None:
-            raise ValueError("loss_type 'grpo_clip' needs advantages, old_log_probs and cliprange")
-        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
-    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    """The per-token loss of algorithm ``loss_type`` (its registry entry names it); rewards and
+    advantages are (B, 1). ``cliprange`` is the lower clip epsilon and, unless ``cliprange_high``
+    is given, the upper one; ``response_mask`` is needed by sequence-level losses (GSPO)."""
+    algo = algorithms.ALGORITHMS.get(loss_type)
+    if algo is None or not algo.policy_gradient:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    return POLICY_LOSSES[algo.loss](
+        policy_log_probs,
+        loss_type,
+        raw_rewards,
+        advantages,
+        old_log_probs,
+        cliprange,
+        cliprange_high,
+        response_mask,
+    )
 
 
 def aggregate_loss(
@@ -382,6 +531,7 @@ def grpo_microbatch_train_step(
     loss_aggregation: str = "seq_mean",
     normalize_constant: float | None = None,
     token_weights: torch.Tensor | None = None,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Policy-gradient loss of one microbatch, / ``gradient_accumulation_steps``, backpropagated.
 
@@ -392,7 +542,14 @@ def grpo_microbatch_train_step(
     plus the per-token tensors.
     """
     per_token, meta = compute_policy_gradient_loss(
-        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange
+        policy_log_probs,
+        loss_type,
+        raw_rewards,
+        advantages,
+        old_log_probs,
+        cliprange,
+        cliprange_high=cliprange_high,
+        response_mask=response_mask,
     )
     if token_weights is not None:
         per_token = per_token * token_weights.detach().to(per_token.dtype)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from mathpt.algorithms import trainer
 from mathpt.pipeline import run_script
 from mathpt.runtime.worker import share_cpu_threads
 from mathpt.secrets import scrub
@@ -18,7 +19,7 @@ def main(smk, cfg):
         group=cfg["experiment"],
         log_config=scrub(cfg),
     )
-    if cfg["algo"] == "sft":
+    if trainer(cfg["algo"]) == "sft":
         from mathpt.train.sft import train_sft
 
         train_sft(

@@ -546,3 +546,16 @@ class RolloutPipeline:
                 "push weights once per step"
             )
         return res
+
+    def extra(
+        self, step: int, prompts: Sequence, params: SamplingConfig, tag: dict | None = None
+    ) -> JobResult:
+        """One more rollout job for step ``step``, waited for now: it runs on the newest pushed weights
+        (after any job already queued ahead). DAPO's dynamic sampling draws these to refill a batch."""
+        t0 = time.perf_counter()
+        job = self.client.submit("rollout", prompts, params, step=step, tag=tag)
+        res = self.client.wait(job).raise_for_error()
+        waited = time.perf_counter() - t0
+        self.last_wait_s += waited
+        self.wait_s += waited
+        return res

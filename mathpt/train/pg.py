@@ -20,8 +20,14 @@ paid before anyway. The numerical mismatch itself is what the optional truncated
 importance-sampling correction (``off_policy_correction: tis``) addresses, for every variant:
 each token's loss is weighted by min(pi_old / pi_sampler, ``tis_cap``), detached.
 
-Sampling noise: every (run seed, step, prompt, sample) has its own seed (``sample_seeds``), so the
-samples of a group are independent and a rerun draws the same ones.
+Sampling noise: every (run seed, step, draw, prompt, sample) has its own seed (``sample_seeds``), so
+the samples of a group are independent and a rerun draws the same ones.
+
+The algorithm's registry entry (``mathpt.algorithms``) picks the advantage estimator and the loss.
+With dynamic sampling (DAPO) groups whose rewards are all equal are dropped and more prompts are
+drawn for the same step (draw 1, 2, ... each with its own prompts and seeds) until the batch is full
+or ``max_draws`` draws were made (``fill_groups``); extra draws run on the newest weights, so with
+staleness 1 one batch can mix two weight versions, and its old log-probs are taken per draw.
 """
 
 from __future__ import annotations
@@ -34,8 +40,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mathpt import algorithms
 from mathpt.engines.base import Generation, SamplingConfig
-from mathpt.functional import compute_group_normalized_rewards
+from mathpt.functional import compute_group_normalized_rewards, overlong_penalty
 from mathpt.io import MathptError
 from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
@@ -49,18 +56,63 @@ from mathpt.train.steps import compute_old_log_probs, pg_update, response_length
 from mathpt.train.validation import EvalTracker, load_prompts, score, val_params
 
 
-def sample_seeds(run_seed: int, step: int, n_prompts: int, group_size: int) -> tuple[int, ...]:
+def sample_seeds(run_seed: int, step: int, n_prompts: int, group_size: int, draw: int = 0) -> tuple[int, ...]:
     """One 63-bit sampling seed per (prompt, sample) of step ``step``'s rollout batch, prompt-major.
 
-    Hashed from (run seed, step, prompt index, sample index) by numpy's SeedSequence, so no two
-    samples share a noise stream (within a group, across prompts, or shifted by one across steps,
-    which vLLM's seed + child index gave) and a rerun or resume draws exactly the same samples.
+    Hashed from (run seed, step, prompt index, sample index[, draw]) by numpy's SeedSequence, so no
+    two samples share a noise stream (within a group, across prompts, across the extra draws of
+    dynamic sampling, or shifted by one across steps, which vLLM's seed + child index gave) and a
+    rerun or resume draws exactly the same samples. Draw 0 keeps the 4-number key.
     """
+    extra = [draw] if draw else []
     return tuple(
-        int(np.random.SeedSequence([run_seed, step, i, j]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+        int(
+            np.random.SeedSequence([run_seed, step, i, j, *extra]).generate_state(1, np.uint64)[0]
+            >> np.uint64(1)
+        )
         for i in range(n_prompts)
         for j in range(group_size)
     )
+
+
+def fill_groups(
+    draw,
+    reward_fn,
+    n_prompts: int,
+    group_size: int,
+    max_draws: int,
+) -> tuple[list[dict], list[Generation], list[int], dict[str, float]]:
+    """DAPO's dynamic sampling: keep the groups whose rewards differ, drawing until ``n_prompts`` are kept.
+
+    ``draw(d) -> (rows, generations, weight_version)`` makes draw ``d`` (0 = the step's own rollouts).
+    Groups whose rewards are all equal (zero advantage under every group baseline) are dropped. After
+    ``max_draws`` draws a batch still short is filled with dropped groups (zero advantage, no
+    gradient from them; logged as ``dynamic/groups_padded``) so every step trains on a full batch.
+    Returns the batch's (rows, generations, weight version per generation, metrics).
+    """
+    kept: list[tuple] = []
+    dropped: list[tuple] = []
+    draws = 0
+    while draws < max_draws and len(kept) < n_prompts:
+        rows, gens, version = draw(draws)
+        draws += 1
+        for i, row in enumerate(rows):
+            group = gens[i * group_size : (i + 1) * group_size]
+            rewards = {float(reward_fn(g.text, row["answer"])["reward"]) for g in group}
+            (kept if len(rewards) > 1 else dropped).append((row, group, version))
+    n_kept = min(len(kept), n_prompts)
+    chosen = kept[:n_prompts] + dropped[: n_prompts - n_kept]
+    metrics = {
+        "dynamic/draws": float(draws),
+        "dynamic/groups_drawn": float(len(kept) + len(dropped)),
+        "dynamic/groups_dropped": float(len(dropped)),
+        "dynamic/groups_kept": float(n_kept),
+        "dynamic/groups_padded": float(n_prompts - n_kept),
+    }
+    rows = [c[0] for c in chosen]
+    gens = [g for c in chosen for g in c[1]]
+    versions = [c[2] for c in chosen for _ in c[1]]
+    return rows, gens, versions, metrics
 
 
 def rollout_batch(generations: list[Generation], pad_id: int) -> dict[str, torch.Tensor]:
@@ -145,6 +197,8 @@ def pg_update_kwargs(pg: dict, seed: int, step: int) -> dict:
     return {
         "loss_type": pg["loss_type"],
         "cliprange": pg.get("cliprange", 0.2),
+        "cliprange_low": pg.get("cliprange_low"),
+        "cliprange_high": pg.get("cliprange_high"),
         "epochs": pg["epochs_per_batch"],
         "minibatch_size": pg.get("minibatch_size"),
         "microbatch_size": pg.get("microbatch_size"),  # absent: whole
@@ -207,14 +261,16 @@ def train_pg(
     reward_fn = get_reward_fn(style)
     stop = stop_strings(style)
     staleness = pg["staleness"]
+    algo = algorithms.get(pg["loss_type"])
 
-    def batch_rows(step: int) -> list[dict]:
-        rng = np.random.default_rng([seed, step])  # the same prompts for a step across reruns/resumes
+    def batch_rows(step: int, draw: int = 0) -> list[dict]:
+        # the same prompts for a step (and draw) across reruns/resumes
+        rng = np.random.default_rng([seed, step, draw] if draw else [seed, step])
         return [
             prompts[i] for i in rng.choice(len(prompts), size=n_prompts, replace=len(prompts) < n_prompts)
         ]
 
-    def sampling(step: int) -> SamplingConfig:
+    def sampling(step: int, draw: int = 0) -> SamplingConfig:
         # The sampler's per-token log-probs cost vLLM 2-3x its throughput on one H200 (BENCHMARKS.md):
         # ask for them when TIS needs them, else only on the eval_every-th batches, to log the
         # sampler-vs-trainer gap (sampler_logp_gap_*) through the run at a small cost.
@@ -223,7 +279,7 @@ def train_pg(
             temperature=pg["temperature"],
             n=group_size,
             stop=tuple(stop),
-            seeds=sample_seeds(seed, step, n_prompts, group_size),
+            seeds=sample_seeds(seed, step, n_prompts, group_size, draw),
             logprobs=pg["off_policy_correction"] == "tis" or step % pg["eval_every"] == 0,
         )
 
@@ -267,7 +323,30 @@ def train_pg(
 
             rows = batch_rows(step)
             gens = result.generations
+            versions = [result.weight_version] * len(gens)
+            draw_metrics: dict[str, float] = {}
+            if algo.dynamic_sampling:
+
+                def draw(d: int, step=step, rows=rows, result=result):
+                    if d == 0:
+                        return rows, result.generations, result.weight_version
+                    more = batch_rows(step, d)
+                    res = rollouts.extra(
+                        step, [r["prompt"] for r in more], sampling(step, d), {"step": step, "draw": d}
+                    )
+                    return more, res.generations, res.weight_version
+
+                rows, gens, versions, draw_metrics = fill_groups(
+                    draw, reward_fn, n_prompts, group_size, pg["max_draws"]
+                )
+                idle_s = rollouts.last_wait_s
             answers = [r["answer"] for r in rows for _ in range(group_size)]
+            offsets = None
+            if pg.get("overlong_shaping"):  # DAPO's soft overlong punishment
+                buffer = max(1, round(pg["overlong_buffer_fraction"] * pg["max_new_tokens"]))
+                lengths = torch.tensor([len(g.token_ids) for g in gens])
+                offsets = overlong_penalty(lengths, pg["max_new_tokens"], buffer)
+                draw_metrics["overlong_penalty_mean"] = float(offsets.mean())
             advantages, raw_rewards, reward_meta = compute_group_normalized_rewards(
                 reward_fn,
                 [g.text for g in gens],
@@ -275,6 +354,8 @@ def train_pg(
                 group_size,
                 pg["advantage_eps"],
                 pg["normalize_by_std"],
+                estimator=algo.advantage,
+                reward_offsets=offsets,
             )
             batch = rollout_batch(gens, tokenizer.pad_token_id)
             raw_rewards = torch.as_tensor(raw_rewards, dtype=torch.float32).flatten()
@@ -282,17 +363,22 @@ def train_pg(
             batch["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).flatten()
             t_train = time.perf_counter()
             micro = pg.get("microbatch_size") or pg.get("minibatch_size") or len(gens)
-            batch["old_log_probs"] = behaviour.log_probs(
-                batch,
-                result.weight_version,
-                micro,
-                microbatch_tokens=pg["microbatch_tokens"],
-                packing=pg["packing"],
-            )
+            cut = {"microbatch_tokens": pg["microbatch_tokens"], "packing": pg["packing"]}
+            if len(set(versions)) == 1:
+                batch["old_log_probs"] = behaviour.log_probs(batch, versions[0], micro, **cut)
+            else:  # dynamic sampling drew on newer weights: each row under the weights that made it
+                ver = torch.tensor(versions)
+                batch["old_log_probs"] = torch.zeros(batch["labels"].shape)
+                for v in sorted(set(versions)):
+                    rows_v = torch.nonzero(ver == v).flatten()
+                    sub = {k: t[rows_v] for k, t in batch.items()}
+                    batch["old_log_probs"][rows_v] = behaviour.log_probs(sub, v, micro, **cut)
+            batch["weight_version"] = torch.tensor(versions)
             done = step + 1
             behaviour.advance(done)
             out = pg_update(model, optimizer, batch, scheduler=scheduler, **pg_update_kwargs(pg, seed, step))
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
+            metrics.update(draw_metrics)
             for i, mb in enumerate(out["per_step"]):
                 metrics.update({f"mb{i}/{k}": mb[k] for k in MINIBATCH_KEYS})
             train_s = time.perf_counter() - t_train
@@ -315,7 +401,7 @@ def train_pg(
                     "trainer_idle_fraction": idle_s / step_s,
                     "train_time_s": train_s,
                     "step_time_s": step_s,
-                    "rollout_weight_version": result.weight_version,
+                    "rollout_weight_version": min(versions),
                     "tokens_per_s": int(batch["response_mask"].sum()) / max(train_s, 1e-9),
                     # prompt + response tokens computed per second (the benchmark's "real tokens")
                     "real_tokens_per_s": int(response_lengths(batch["response_mask"]).sum())

@@ -20,6 +20,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from mathpt import algorithms
 from mathpt.functional import (
     LOSS_AGGREGATIONS,
     LOSS_TYPES,
@@ -281,7 +282,7 @@ def pg_update(
     minibatch_size: int | None = None,
     microbatch_size: int | None = None,
     max_grad_norm: float | None = 1.0,
-    loss_aggregation: str = "seq_mean",
+    loss_aggregation: str | None = None,
     normalize_constant: float | None = None,
     autocast_dtype: torch.dtype | None = torch.bfloat16,
     chunk_size: int | None = None,
@@ -293,6 +294,8 @@ def pg_update(
     off_policy_correction: str = "none",
     tis_cap: float = 2.0,
     scheduler=None,
+    cliprange_low: float | None = None,
+    cliprange_high: float | None = None,
 ) -> dict:
     """Policy-gradient updates on one rollout batch; returns metrics (means over optimizer steps).
 
@@ -300,7 +303,11 @@ def pg_update(
     optionally attention_mask, ``old_log_probs`` (B, T): the trainer's log-probs of the labels under
     the behaviour policy (the weights that generated the batch; computed here with ``model`` as it
     is now when absent, i.e. on-policy), and ``sampler_log_probs`` (B, T): the inference engine's own
-    log-probs of the sampled tokens. GRPO-clip's ratio is pi_theta / pi_old. With
+    log-probs of the sampled tokens. ``loss_type`` names an algorithm of ``mathpt.algorithms``, whose
+    entry picks the per-token loss (``functional.POLICY_LOSSES``) and, for algorithms defined by one,
+    the aggregation (``loss_aggregation`` None = that one, else seq_mean; another is an error).
+    The clip range is [1 - ``cliprange_low``, 1 + ``cliprange_high``], each defaulting to
+    ``cliprange``. GRPO-clip's ratio is pi_theta / pi_old. With
     ``off_policy_correction="tis"`` every variant's per-token loss is weighted by
     min(pi_old / pi_sampler, ``tis_cap``) (``compute_tis_weights``).
 
@@ -315,12 +322,18 @@ def pg_update(
 
     Metrics (every variant): loss, grad_norm, entropy, lr (of the step), tokens, and how far
     pi_theta is from pi_old over the minibatch: logp_gap_mean/max, kl_k3, clip_fraction (tokens
-    GRPO-clip clips or would clip), ratio_mean/min/max; with sampler log-probs, sampler_logp_gap_mean/
+    GRPO-clip clips or would clip), ratio_mean/min/max; for losses that clip, loss_clip_fraction
+    (response tokens the algorithm's own clip touched, e.g. GSPO's clipped sequences); with sampler log-probs, sampler_logp_gap_mean/
     max and sampler_kl_k3 (pi_old vs pi_sampler); with TIS, tis_weight_mean and tis_capped_fraction.
     ``per_step`` holds one dict per optimizer step (the first minibatch first), ``optimizer_steps``.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    required = algorithms.ALGORITHMS[loss_type].loss_aggregation
+    if loss_aggregation is None:
+        loss_aggregation = required or "seq_mean"
+    elif required is not None and loss_aggregation != required:
+        raise ValueError(f"{loss_type} aggregates by {required!r}, not {loss_aggregation!r}")
     if loss_aggregation not in LOSS_AGGREGATIONS:
         raise ValueError(
             f"unknown loss_aggregation {loss_aggregation!r}; expected one of {LOSS_AGGREGATIONS}"
@@ -414,7 +427,8 @@ def pg_update(
                     raw_rewards=rew,
                     advantages=adv,
                     old_log_probs=mb["old_log_probs"],
-                    cliprange=cliprange,
+                    cliprange=cliprange if cliprange_low is None else cliprange_low,
+                    cliprange_high=cliprange if cliprange_high is None else cliprange_high,
                     loss_aggregation=loss_aggregation,
                     normalize_constant=norm,
                     token_weights=mb.get("tis_weights"),
@@ -422,6 +436,10 @@ def pg_update(
             mask = mb["response_mask"].bool()
             acc["loss"] += float(loss)
             acc["tokens"] += float(meta["response_tokens"])
+            if "clip_fraction" in meta:  # the algorithm's own clip (token-, sequence- or weight-level)
+                acc["loss_clipped"] = acc.get("loss_clipped", 0.0) + float(
+                    meta["clip_fraction"] * meta["response_tokens"]
+                )
             acc["ent"] += float(torch.where(mask, out["token_entropy"].detach(), 0.0).sum())
             _add_sums(drift, policy_drift_sums(out["log_probs"], mb["old_log_probs"], mask, adv, cliprange))
         lr = float(optimizer.param_groups[0]["lr"])
@@ -441,6 +459,8 @@ def pg_update(
             **_drift_metrics(drift),
         }
         step["approx_kl"] = step["kl_k3"]  # the name older logs used
+        if "loss_clipped" in acc:
+            step["loss_clip_fraction"] = acc["loss_clipped"] / tk
         per_step.append(step)
 
     metrics: dict = {}
