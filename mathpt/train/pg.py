@@ -143,7 +143,7 @@ def pg_update_kwargs(pg: dict, seed: int, step: int) -> dict:
     """The arguments ``train_pg`` gives ``pg_update`` (one place, so tests make the same call)."""
     return {
         "loss_type": pg["loss_type"],
-        "cliprange": pg.get("cliprange", 0.2),
+        "cliprange": pg.get("cliprange"),  # grpo_clip's (train.grpo_clip.cliprange); None: no clip
         "epochs": pg["epochs_per_batch"],
         "minibatch_size": pg.get("minibatch_size"),
         "microbatch_size": pg.get("microbatch_size"),  # absent: whole

@@ -116,7 +116,7 @@ def sft_update(
     optimizer: torch.optim.Optimizer,
     microbatches: Sequence[dict[str, torch.Tensor]],
     max_grad_norm: float | None = 1.0,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     trim: bool = True,
     packing: bool = False,
@@ -166,7 +166,7 @@ def compute_old_log_probs(
     model: torch.nn.Module,
     rollout_batch: dict[str, torch.Tensor],
     microbatch_size: int,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     microbatch_tokens: int | None = None,
     packing: bool = False,
@@ -276,14 +276,14 @@ def pg_update(
     optimizer: torch.optim.Optimizer,
     rollout_batch: dict[str, torch.Tensor],
     loss_type: str,
-    cliprange: float = 0.2,
+    cliprange: float | None = None,
     epochs: int = 1,
     minibatch_size: int | None = None,
     microbatch_size: int | None = None,
     max_grad_norm: float | None = 1.0,
     loss_aggregation: str = "seq_mean",
     normalize_constant: float | None = None,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
@@ -315,7 +315,7 @@ def pg_update(
 
     Metrics (every variant): loss, grad_norm, entropy, lr (of the step), tokens, and how far
     pi_theta is from pi_old over the minibatch: logp_gap_mean/max, kl_k3, clip_fraction (tokens
-    GRPO-clip clips or would clip), ratio_mean/min/max; with sampler log-probs, sampler_logp_gap_mean/
+    GRPO-clip's clip cuts; 0 for the variants without a clip, ``cliprange`` None), ratio_mean/min/max; with sampler log-probs, sampler_logp_gap_mean/
     max and sampler_kl_k3 (pi_old vs pi_sampler); with TIS, tis_weight_mean and tis_capped_fraction.
     ``per_step`` holds one dict per optimizer step (the first minibatch first), ``optimizer_steps``.
     """
@@ -330,6 +330,10 @@ def pg_update(
             f"unknown off_policy_correction {off_policy_correction!r}; "
             f"expected one of {OFF_POLICY_CORRECTIONS}"
         )
+    if loss_type == "grpo_clip" and cliprange is None:
+        raise ValueError("loss_type 'grpo_clip' needs cliprange (train.grpo_clip.cliprange)")
+    # the drift metrics' clip_fraction counts the tokens the clip cuts: none without a clip
+    clip_eps = math.inf if cliprange is None else cliprange
     device = _device(model)
     n = rollout_batch["input_ids"].shape[0]
     minibatch_size = minibatch_size or n
@@ -353,7 +357,7 @@ def pg_update(
                 batch["old_log_probs"],
                 mask_all,
                 batch["advantages"][:, None],
-                cliprange,
+                clip_eps,
             ).items()
         }
         d = _drift_metrics(s)
@@ -423,7 +427,7 @@ def pg_update(
             acc["loss"] += float(loss)
             acc["tokens"] += float(meta["response_tokens"])
             acc["ent"] += float(torch.where(mask, out["token_entropy"].detach(), 0.0).sum())
-            _add_sums(drift, policy_drift_sums(out["log_probs"], mb["old_log_probs"], mask, adv, cliprange))
+            _add_sums(drift, policy_drift_sums(out["log_probs"], mb["old_log_probs"], mask, adv, clip_eps))
         lr = float(optimizer.param_groups[0]["lr"])
         grad_norm = _clip(model, optimizer, max_grad_norm)
         optimizer.step()
