@@ -43,8 +43,15 @@ from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient, RolloutPipeline
 from mathpt.tracking import RunLogger
 from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
+from mathpt.train.compile import compile_if_cuda
 from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
-from mathpt.train.steps import compute_old_log_probs, pg_update, response_lengths
+from mathpt.train.steps import (
+    compute_old_log_probs,
+    first_epoch_microbatches,
+    minibatch_plan,
+    pg_update,
+    response_lengths,
+)
 from mathpt.train.validation import EvalTracker, load_prompts, score, val_params
 
 
@@ -110,20 +117,31 @@ class Behaviour:
             self.copy = load_model(init_dir, dtype=dtype, device=next(model.parameters()).device)
             self.copy.load_state_dict(model.state_dict())
             self.copy.eval().requires_grad_(False)
+            compile_if_cuda(self.copy)  # the same compiled layers as the trainer's (issue 27.1)
         self.copy_version = version
 
     def log_probs(
-        self, batch: dict[str, torch.Tensor], weight_version: int, microbatch_size: int, **cut
-    ) -> torch.Tensor:
-        """Trainer log-probs (B, T) of the batch's labels under the weights of ``weight_version``."""
+        self, batch: dict[str, torch.Tensor], weight_version: int, update: dict
+    ) -> torch.Tensor | None:
+        """Trainer log-probs (B, T) of the batch's labels under the weights of ``weight_version``,
+        cut into the same microbatches as ``pg_update(**update)`` will cut them; None when those are
+        the current weights: ``pg_update`` then takes the first optimizer step's own forward as
+        pi_old (its ratio exactly 1) and scores the other rows with the same cuts."""
         if weight_version == self.version:
-            net = self.model
-        elif self.copy is not None and weight_version == self.copy_version:
-            net = self.copy
-        else:
+            return None
+        if self.copy is None or weight_version != self.copy_version:
             kept = [self.version] + ([self.copy_version] if self.copy is not None else [])
             raise MathptError(f"rollouts came from weights v{weight_version}; the trainer keeps only {kept}")
-        return compute_old_log_probs(net, batch, microbatch_size, autocast_dtype=None, **cut)
+        plan = minibatch_plan(batch["response_mask"], **{k: update[k] for k in PLAN_KEYS})
+        cuts = first_epoch_microbatches(plan, batch["response_mask"].shape[0], update["minibatch_size"])
+        return compute_old_log_probs(
+            self.copy,
+            batch,
+            update["microbatch_size"] or len(cuts[0]),
+            autocast_dtype=update["autocast_dtype"],
+            packing=update["packing"],
+            groups=cuts,
+        )
 
     def advance(self, version: int) -> None:
         """The trainer's weights are about to move on from ``self.version`` to ``version``."""
@@ -132,6 +150,10 @@ class Behaviour:
                 self.copy.load_state_dict(self.model.state_dict())
             self.copy_version = self.version
         self.version = version
+
+
+# the pg_update arguments that decide its cuts (``minibatch_plan``)
+PLAN_KEYS = ("minibatch_size", "microbatch_size", "microbatch_tokens", "packing", "epochs", "seed")
 
 
 def optimizer_steps_per_batch(pg: dict) -> int:
@@ -278,17 +300,13 @@ def train_pg(
             batch["raw_rewards"] = raw_rewards
             batch["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).flatten()
             t_train = time.perf_counter()
-            micro = pg.get("microbatch_size") or pg.get("minibatch_size") or len(gens)
-            batch["old_log_probs"] = behaviour.log_probs(
-                batch,
-                result.weight_version,
-                micro,
-                microbatch_tokens=pg["microbatch_tokens"],
-                packing=pg["packing"],
-            )
+            update = pg_update_kwargs(pg, seed, step)
+            old = behaviour.log_probs(batch, result.weight_version, update)
+            if old is not None:
+                batch["old_log_probs"] = old
             done = step + 1
             behaviour.advance(done)
-            out = pg_update(model, optimizer, batch, scheduler=scheduler, **pg_update_kwargs(pg, seed, step))
+            out = pg_update(model, optimizer, batch, scheduler=scheduler, **update)
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
             for i, mb in enumerate(out["per_step"]):
                 metrics.update({f"mb{i}/{k}": mb[k] for k in MINIBATCH_KEYS})
