@@ -152,6 +152,22 @@ class Behaviour:
         self.version = version
 
 
+def check_temperature(temperature: float) -> None:
+    """Only T = 1 samples from the distribution the trainer scores.
+
+    The ratio, the off-policy metrics and TIS compare the trainer's log-probs (softmax of the raw
+    logits) with the behaviour policy's; at T != 1 the samples come from softmax(logits / T), and
+    the engines' log-probs are of the raw distribution too (vLLM's default logprobs_mode), so every
+    one of those numbers would be against the wrong policy. Rejected rather than silently wrong.
+    """
+    if temperature != 1.0:
+        raise MathptError(
+            f"train.pg.temperature is {temperature}: policy-gradient rollouts must be sampled at "
+            "temperature 1.0 (the trainer scores the untempered policy, so the ratio and TIS weights "
+            "would be against another distribution)"
+        )
+
+
 # the pg_update arguments that decide its cuts (``minibatch_plan``)
 PLAN_KEYS = ("minibatch_size", "microbatch_size", "microbatch_tokens", "packing", "epochs", "seed")
 
@@ -213,6 +229,7 @@ def train_pg(
 ) -> dict:
     """Train one PG variant (``cfg['pg']['loss_type']``) from ``init_dir``; write an HF checkpoint."""
     pg, seed, style = cfg["pg"], cfg["seed"], cfg["prompt_style"]
+    check_temperature(pg["temperature"])
     model, tokenizer, worker_device = load_policy(cfg, init_dir)
     optimizer = make_optimizer(model, pg)  # fp32 master weights when the model is bf16
     scheduler = lr_schedule(

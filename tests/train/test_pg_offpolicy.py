@@ -344,3 +344,11 @@ def test_train_pg_old_log_probs_take_the_updates_cuts_and_mb0_ratio_is_exactly_1
         # the whole-batch cuts the old code used are not the update's: this setting can tell them apart
         lengths = steps_mod.response_lengths(call["batch"]["response_mask"])
         assert as_sets(token_budget_microbatches(lengths, 50, None, packed=True)) != as_sets(first_epoch)
+
+
+def test_train_pg_rejects_a_temperature_other_than_1(tmp_path, tiny_model_dir, monkeypatch):
+    """Issue 27.6: at T != 1 the samples are not from the policy the trainer scores."""
+    from mathpt.io import MathptError
+
+    with pytest.raises(MathptError, match=r"train\.pg\.temperature is 0\.7"):
+        _run(tmp_path, tiny_model_dir, monkeypatch, _cfg(0, temperature=0.7))
