@@ -21,7 +21,9 @@ importance-sampling correction (``off_policy_correction: tis``) addresses, for e
 each token's loss is weighted by min(pi_old / pi_sampler, ``tis_cap``), detached.
 
 Sampling noise: every (run seed, step, prompt, sample) has its own seed (``sample_seeds``), so the
-samples of a group are independent and a rerun draws the same ones.
+samples of a group are independent and a rerun draws the same ones. A resume draws them too: with
+``staleness: 1`` the resumable state keeps the behaviour copy, and the first batch after a resume is
+generated with it (v(start - 1)), as in the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -142,6 +144,12 @@ class Behaviour:
             packing=update["packing"],
             groups=cuts,
         )
+
+    def restore(self, state: dict, version: int) -> None:
+        """Resume: the copy gets the saved weights of ``version`` (the ones that generate the next batch)."""
+        with torch.no_grad():
+            self.copy.load_state_dict(state)
+        self.copy_version = version
 
     def advance(self, version: int) -> None:
         """The trainer's weights are about to move on from ``self.version`` to ``version``."""
@@ -278,6 +286,8 @@ def train_pg(
     # Everything the trainer holds before its first step is allocated before the worker starts: on
     # one GPU, vLLM counts memory that grows during its start-up profile as its own (issue 16.5).
     behaviour = Behaviour(model, start, staleness >= 1, init_dir, next(model.parameters()).dtype)
+    if resumed and resumed.get("behaviour") is not None and behaviour.copy is not None:
+        behaviour.restore(resumed["behaviour"], start - 1)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
@@ -290,6 +300,10 @@ def train_pg(
             n_steps=pg["n_steps"],
         )
         if start > 0:  # resumed: the worker loaded the init checkpoint (version 0)
+            if behaviour.copy is not None and behaviour.copy_version == start - 1:
+                # as in the uninterrupted run, batch `start` comes from v(start - 1), queued before v(start)
+                client.push_weights(behaviour.copy, version=start - 1)
+                rollouts.submit(start)
             client.push_weights(model, version=start)
         else:
             evals.request(0)
@@ -362,7 +376,9 @@ def train_pg(
             if done % pg["eval_every"] == 0 or done == pg["n_steps"]:
                 evals.request(done)
             if done % pg["checkpoint_every"] == 0 and done < pg["n_steps"]:
-                save_state(state_dir, model, optimizer, scheduler, done)
+                # staleness 1: the copy holds v(step), the weights that generate batch `done`
+                kept = behaviour.copy.state_dict() if behaviour.copy is not None else None
+                save_state(state_dir, model, optimizer, scheduler, done, behaviour=kept)
         evals.finish()
         logger.summary({"steps": pg["n_steps"], "resumed_at": start, "wall_s": time.perf_counter() - t_run})
     save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, train_prompts_path])

@@ -352,3 +352,37 @@ def test_train_pg_rejects_a_temperature_other_than_1(tmp_path, tiny_model_dir, m
 
     with pytest.raises(MathptError, match=r"train\.pg\.temperature is 0\.7"):
         _run(tmp_path, tiny_model_dir, monkeypatch, _cfg(0, temperature=0.7))
+
+
+def test_train_pg_resume_at_staleness_1_draws_the_uninterrupted_batches(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Issue 27.7: after a resume at step 2, batch 2 is generated with v1 (the saved behaviour copy),
+    as in the uninterrupted run, so it holds the same tokens and the same pi_old."""
+    import mathpt.train.pg as pg_mod
+
+    cfg = _cfg(1, checkpoint_every=1)
+    for d in ("full", "resumed"):
+        (tmp_path / d).mkdir()
+    full, _, _ = _run(tmp_path / "full", tiny_model_dir, monkeypatch, cfg)
+    real = pg_mod.pg_update
+    n_calls = itertools.count()
+
+    def killed_at_step_2(*a, **kw):
+        if next(n_calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pg_mod, "pg_update", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "resumed", tiny_model_dir, monkeypatch, cfg)
+    assert (tmp_path / "resumed" / "state" / "state.json").exists()
+    monkeypatch.setattr(pg_mod, "pg_update", real)
+    resumed, _, logged = _run(tmp_path / "resumed", tiny_model_dir, monkeypatch, cfg)
+    assert len(resumed) == 1  # step 2 only
+    want, got = full[2]["batch"], resumed[0]["batch"]
+    assert not torch.equal(full[1]["batch"]["input_ids"], want["input_ids"])  # batches differ per step
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    torch.testing.assert_close(got["old_log_probs"], want["old_log_probs"], rtol=0, atol=0)
+    row = next(r for r in logged if r["step"] == 3)
+    assert row["rollout_weight_version"] == 1
