@@ -220,13 +220,14 @@ def ours_pg(
         for k in ("input_ids", "labels", "response_mask", "raw_rewards", "advantages", "old_log_probs")
     }
     if tokens is None:
-        pg_update(model, opt, rb, "grpo_clip", microbatch_size=micro, autocast_dtype=None)
+        pg_update(model, opt, rb, "grpo_clip", cliprange=0.2, microbatch_size=micro, autocast_dtype=None)
     else:
         pg_update(
             model,
             opt,
             rb,
             "grpo_clip",
+            cliprange=0.2,
             microbatch_size=len(rb["input_ids"]),
             microbatch_tokens=tokens,
             packing=packing,

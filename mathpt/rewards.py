@@ -9,7 +9,9 @@ Reward semantics follow CS336 assignment 5's ``drgrpo_grader``:
 ``reward == answer_reward`` in both: the format reward is reported, never paid on its own.
 
 Grading is exact rational arithmetic (``fractions.Fraction``) on a normalized number, so
-``18.00 == 18``, ``$1,000 == 1000``, ``3/4 == 0.75``, ``50% == 50``. math-verify is only a fallback
+``18.00 == 18``, ``$1,000 == 1000``, ``3/4 == 0.75``, ``50% == 50``, ``50% == 0.5`` (but ``1800%``
+is not 18), and an equation states its right-hand side only if it is true (``x = 18`` and
+``2 + 16 = 18`` answer 18, ``20 = 18`` answers nothing). math-verify is only a fallback
 for answers that are not a plain number (``\\sqrt{324}``, ``6 \\times 3``), and only for short
 arithmetic expressions (``_mv_safe``: no words, exponents, factorials or deep nesting). Its own
 timeouts are off (they use ``signal.alarm``, which raises in worker threads and would make a grade
@@ -202,12 +204,74 @@ def _normalize(s: str) -> str:
     ):  # fmt: skip
         s = s.replace(a, b)
     s = _TEXT_CMD.sub(r" \1 ", s)
-    if "=" in s:  # "x = 18" -> "18"
-        s = s.rsplit("=", 1)[1]
+    if "=" in s:  # "x = 18" -> "18"; "20 = 18" -> "" (a false equation states no answer)
+        *lhs, s = s.split("=")
+        if not all(_side_agrees(side, s) for side in lhs):
+            return ""
     s = s.strip().strip("$*").strip()  # math delimiters, markdown bold
     while s.endswith("."):
         s = s[:-1].rstrip()
     return s
+
+
+_ARITH_OPS = (
+    ("\\times", "*"),
+    ("\\cdot", "*"),
+    ("\u00d7", "*"),
+    ("\u00b7", "*"),
+    ("\\div", "/"),
+    ("\u00f7", "/"),
+)
+_ARITH = re.compile(r"[0-9.+\-*/() ]{1,60}")
+_THOUSANDS = re.compile(r"(?<=[0-9]),(?=[0-9]{3})")
+
+
+def _arith_value(s: str) -> Fraction | None:
+    """The exact value of a short arithmetic expression of decimals (+ - * / parentheses), else None."""
+    import ast
+
+    for a, b in _ARITH_OPS:
+        s = s.replace(a, b)
+    s = _THOUSANDS.sub("", s.replace("$", "").replace("\\", "")).strip()
+    if not s or not _ARITH.fullmatch(s) or sum(c.isdigit() for c in s) > MV_MAX_DIGITS:
+        return None
+    try:
+        tree = ast.parse(s, mode="eval").body
+    except (SyntaxError, ValueError):
+        return None
+
+    def ev(node) -> Fraction:
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return Fraction(ast.get_source_segment(s, node) or str(node.value))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            a, b = ev(node.left), ev(node.right)
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(node.op, ast.Sub):
+                return a - b
+            return a * b if isinstance(node.op, ast.Mult) else a / b
+        raise ValueError("not arithmetic")
+
+    try:
+        return ev(tree)
+    except (ValueError, ZeroDivisionError, TypeError):
+        return None
+
+
+def _side_agrees(side: str, rhs: str) -> bool:
+    """Whether the left side ``side`` of ``side = rhs`` is consistent with it: a label ("x", "total")
+    or an expression that is not plain arithmetic always is; arithmetic must have rhs's value."""
+    left = _arith_value(side)
+    if left is None:
+        return True
+    right = _arith_value(rhs)
+    if right is None:
+        parsed = parse_number(rhs)
+        right = parsed[0] if parsed is not None and not parsed[1] else None
+    return right is not None and left == right
 
 
 def _decimal(int_part: str, dec_part: str | None) -> Fraction:
@@ -255,10 +319,17 @@ def parse_number(answer: str) -> tuple[Fraction, bool] | None:
     return (-value if m.group("sign") == "-" else value), percent
 
 
-def _candidates(parsed: tuple[Fraction, bool]) -> set[Fraction]:
-    value, percent = parsed
-    # "50%" may mean 50 (GSM8K writes percentages without the sign) or 0.5.
-    return {value, value / 100} if percent else {value}
+def _numbers_equal(pred: tuple[Fraction, bool], gold: tuple[Fraction, bool]) -> bool:
+    """Same value; or one side in percent and the other the same number without the sign (GSM8K
+    writes percentages so) or the same proportion (50% = 0.5, only for |proportion| <= 1: 1800% is
+    not 18, the change of unit is read as a wrong answer)."""
+    (pv, pp), (gv, gp) = pred, gold
+    if pv == gv:
+        return True
+    if pp != gp:
+        pct, other = (pv, gv) if pp else (gv, pv)
+        return abs(other) <= 1 and pct / 100 == other
+    return False
 
 
 def _mv_safe(s: str) -> bool:
@@ -315,7 +386,7 @@ def is_equivalent(pred: str | None, gold: str | None) -> bool:
     pred, gold = str(pred), str(gold)
     p, g = parse_number(pred), parse_number(gold)
     if p is not None and g is not None:
-        return not _candidates(p).isdisjoint(_candidates(g))
+        return _numbers_equal(p, g)
     if len(pred) > MAX_ANSWER_CHARS or len(gold) > MAX_ANSWER_CHARS:
         return pred.strip() == gold.strip() and bool(pred.strip())
     pn, gn = _normalize(pred), _normalize(gold)

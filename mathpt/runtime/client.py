@@ -529,6 +529,10 @@ class RolloutPipeline:
             params = self.params if isinstance(self.params, SamplingConfig) else self.params(step)
             self._jobs[step] = self.client.submit("rollout", prompts, params, step=step, tag=tag)
 
+    def submit(self, step: int) -> None:
+        """Queue step ``step``'s job now, on the weights pushed so far (a resume re-creates the queue)."""
+        self._submit(step)
+
     def get(self, step: int, timeout: float | None = None) -> JobResult:
         """Step ``step``'s rollouts; also queues the next ``max_staleness`` steps' jobs."""
         self._submit(step)

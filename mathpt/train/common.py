@@ -27,7 +27,7 @@ def load_policy(cfg: dict, init_dir: str) -> tuple[torch.nn.Module, object, str]
     from mathpt.gpus import devices_for
     from mathpt.models import load_model, load_tokenizer
     from mathpt.runtime.worker import WORKER_THREADS_ENV, share_cpu_threads
-    from mathpt.train.compile import compile_layers
+    from mathpt.train.compile import compile_if_cuda
 
     set_seed(cfg["seed"])
     trainer_device, worker_device = devices_for(cfg["runtime"]["layout"])
@@ -37,8 +37,7 @@ def load_policy(cfg: dict, init_dir: str) -> tuple[torch.nn.Module, object, str]
         share_cpu_threads(torch.get_num_threads())
     model = load_model(init_dir, dtype=DTYPES[cfg["dtype"]], device=trainer_device)
     model.train()
-    if model.device.type == "cuda":
-        compile_layers(model)
+    compile_if_cuda(model)
     return model, load_tokenizer(init_dir), worker_device
 
 

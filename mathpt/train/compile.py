@@ -24,3 +24,16 @@ def compile_layers(model: torch.nn.Module, dynamic: bool = True) -> None:
     """
     for layer in decoder_layers(model):
         layer.compile(dynamic=dynamic)
+
+
+def compile_if_cuda(model: torch.nn.Module) -> bool:
+    """``compile_layers`` when ``model`` is on CUDA (the trainer's speed knob); returns whether it did.
+
+    Every model whose log-probs enter the same ratio goes through here (the policy in
+    ``load_policy`` and the behaviour copy in ``train/pg.py``), so numerator and denominator run
+    the same compiled kernels.
+    """
+    if next(model.parameters()).device.type != "cuda":
+        return False
+    compile_layers(model)
+    return True

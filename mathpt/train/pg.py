@@ -21,7 +21,9 @@ importance-sampling correction (``off_policy_correction: tis``) addresses, for e
 each token's loss is weighted by min(pi_old / pi_sampler, ``tis_cap``), detached.
 
 Sampling noise: every (run seed, step, draw, prompt, sample) has its own seed (``sample_seeds``), so
-the samples of a group are independent and a rerun draws the same ones.
+the samples of a group are independent and a rerun draws the same ones. A resume draws them too: with
+``staleness: 1`` the resumable state keeps the behaviour copy, and the first batch after a resume is
+generated with it (v(start - 1)), as in the uninterrupted run.
 
 The algorithm's registry entry (``mathpt.algorithms``) picks the advantage estimator and the loss.
 With dynamic sampling (DAPO) groups whose rewards are all equal are dropped and more prompts are
@@ -51,8 +53,15 @@ from mathpt.runtime import InferenceClient, RolloutPipeline
 from mathpt.runtime.memory import log_peaks, log_plan, resolve_memory
 from mathpt.tracking import RunLogger
 from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
+from mathpt.train.compile import compile_if_cuda
 from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
-from mathpt.train.steps import compute_old_log_probs, pg_update, response_lengths
+from mathpt.train.steps import (
+    compute_old_log_probs,
+    first_epoch_microbatches,
+    minibatch_plan,
+    pg_update,
+    response_lengths,
+)
 from mathpt.train.validation import EvalTracker, load_prompts, score, val_params
 
 
@@ -163,20 +172,65 @@ class Behaviour:
             self.copy = load_model(init_dir, dtype=dtype, device=next(model.parameters()).device)
             self.copy.load_state_dict(model.state_dict())
             self.copy.eval().requires_grad_(False)
+            compile_if_cuda(self.copy)  # the same compiled layers as the trainer's (issue 27.1)
         self.copy_version = version
 
     def log_probs(
-        self, batch: dict[str, torch.Tensor], weight_version: int, microbatch_size: int, **cut
-    ) -> torch.Tensor:
-        """Trainer log-probs (B, T) of the batch's labels under the weights of ``weight_version``."""
+        self, batch: dict[str, torch.Tensor], weight_version: int, update: dict
+    ) -> torch.Tensor | None:
+        """Trainer log-probs (B, T) of the batch's labels under the weights of ``weight_version``,
+        cut into the same microbatches as ``pg_update(**update)`` will cut them; None when those are
+        the current weights: ``pg_update`` then takes the first optimizer step's own forward as
+        pi_old (its ratio exactly 1) and scores the other rows with the same cuts."""
         if weight_version == self.version:
-            net = self.model
-        elif self.copy is not None and weight_version == self.copy_version:
-            net = self.copy
-        else:
+            return None
+        if self.copy is None or weight_version != self.copy_version:
             kept = [self.version] + ([self.copy_version] if self.copy is not None else [])
             raise MathptError(f"rollouts came from weights v{weight_version}; the trainer keeps only {kept}")
-        return compute_old_log_probs(net, batch, microbatch_size, autocast_dtype=None, **cut)
+        plan = minibatch_plan(batch["response_mask"], **{k: update[k] for k in PLAN_KEYS})
+        cuts = first_epoch_microbatches(plan, batch["response_mask"].shape[0], update["minibatch_size"])
+        return compute_old_log_probs(
+            self.copy,
+            batch,
+            update["microbatch_size"] or len(cuts[0]),
+            autocast_dtype=update["autocast_dtype"],
+            packing=update["packing"],
+            groups=cuts,
+        )
+
+    def log_probs_per_row(
+        self, batch: dict[str, torch.Tensor], versions: list[int], update: dict
+    ) -> torch.Tensor:
+        """A batch that mixes weight versions (dynamic sampling drew later groups on newer weights):
+        each row under the weights that drew it, cut per version (so, unlike ``log_probs``, not with
+        the update's own cuts)."""
+        ver = torch.tensor(versions)
+        old = torch.zeros(batch["labels"].shape)
+        for v in sorted(set(versions)):
+            if v == self.version:
+                net = self.model
+            elif self.copy is not None and v == self.copy_version:
+                net = self.copy
+            else:
+                kept = [self.version] + ([self.copy_version] if self.copy is not None else [])
+                raise MathptError(f"rollouts came from weights v{v}; the trainer keeps only {kept}")
+            rows = torch.nonzero(ver == v).flatten()
+            sub = {k: t[rows] for k, t in batch.items() if isinstance(t, torch.Tensor) and len(t) == len(ver)}
+            old[rows] = compute_old_log_probs(
+                net,
+                sub,
+                update["microbatch_size"] or len(rows),
+                autocast_dtype=update["autocast_dtype"],
+                microbatch_tokens=update["microbatch_tokens"],
+                packing=update["packing"],
+            )
+        return old
+
+    def restore(self, state: dict, version: int) -> None:
+        """Resume: the copy gets the saved weights of ``version`` (the ones that generate the next batch)."""
+        with torch.no_grad():
+            self.copy.load_state_dict(state)
+        self.copy_version = version
 
     def advance(self, version: int) -> None:
         """The trainer's weights are about to move on from ``self.version`` to ``version``."""
@@ -185,6 +239,26 @@ class Behaviour:
                 self.copy.load_state_dict(self.model.state_dict())
             self.copy_version = self.version
         self.version = version
+
+
+def check_temperature(temperature: float) -> None:
+    """Only T = 1 samples from the distribution the trainer scores.
+
+    The ratio, the off-policy metrics and TIS compare the trainer's log-probs (softmax of the raw
+    logits) with the behaviour policy's; at T != 1 the samples come from softmax(logits / T), and
+    the engines' log-probs are of the raw distribution too (vLLM's default logprobs_mode), so every
+    one of those numbers would be against the wrong policy. Rejected rather than silently wrong.
+    """
+    if temperature != 1.0:
+        raise MathptError(
+            f"train.pg.temperature is {temperature}: policy-gradient rollouts must be sampled at "
+            "temperature 1.0 (the trainer scores the untempered policy, so the ratio and TIS weights "
+            "would be against another distribution)"
+        )
+
+
+# the pg_update arguments that decide its cuts (``minibatch_plan``)
+PLAN_KEYS = ("minibatch_size", "microbatch_size", "microbatch_tokens", "packing", "epochs", "seed")
 
 
 def optimizer_steps_per_batch(pg: dict) -> int:
@@ -196,7 +270,7 @@ def pg_update_kwargs(pg: dict, seed: int, step: int) -> dict:
     """The arguments ``train_pg`` gives ``pg_update`` (one place, so tests make the same call)."""
     return {
         "loss_type": pg["loss_type"],
-        "cliprange": pg.get("cliprange", 0.2),
+        "cliprange": pg.get("cliprange"),  # None: no clip (the REINFORCE variants)
         "cliprange_low": pg.get("cliprange_low"),
         "cliprange_high": pg.get("cliprange_high"),
         "epochs": pg["epochs_per_batch"],
@@ -246,6 +320,7 @@ def train_pg(
 ) -> dict:
     """Train one PG variant (``cfg['pg']['loss_type']``) from ``init_dir``; write an HF checkpoint."""
     pg, seed, style = cfg["pg"], cfg["seed"], cfg["prompt_style"]
+    check_temperature(pg["temperature"])
     memory = resolve_memory(cfg, init_dir)  # fills `auto` memory settings; refuses what cannot fit
     model, tokenizer, worker_device = load_policy(cfg, init_dir)
     optimizer = make_optimizer(model, pg)  # fp32 master weights when the model is bf16
@@ -297,6 +372,8 @@ def train_pg(
     # Everything the trainer holds before its first step is allocated before the worker starts: on
     # one GPU, vLLM counts memory that grows during its start-up profile as its own (issue 16.5).
     behaviour = Behaviour(model, start, staleness >= 1, init_dir, next(model.parameters()).dtype)
+    if resumed and resumed.get("behaviour") is not None and behaviour.copy is not None:
+        behaviour.restore(resumed["behaviour"], start - 1)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
     with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
@@ -310,6 +387,10 @@ def train_pg(
             n_steps=pg["n_steps"],
         )
         if start > 0:  # resumed: the worker loaded the init checkpoint (version 0)
+            if behaviour.copy is not None and behaviour.copy_version == start - 1:
+                # as in the uninterrupted run, batch `start` comes from v(start - 1), queued before v(start)
+                client.push_weights(behaviour.copy, version=start - 1)
+                rollouts.submit(start)
             client.push_weights(model, version=start)
         else:
             evals.request(0)
@@ -362,21 +443,17 @@ def train_pg(
             batch["raw_rewards"] = raw_rewards
             batch["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).flatten()
             t_train = time.perf_counter()
-            micro = pg.get("microbatch_size") or pg.get("minibatch_size") or len(gens)
-            cut = {"microbatch_tokens": pg["microbatch_tokens"], "packing": pg["packing"]}
+            update = pg_update_kwargs(pg, seed, step)
             if len(set(versions)) == 1:
-                batch["old_log_probs"] = behaviour.log_probs(batch, versions[0], micro, **cut)
+                old = behaviour.log_probs(batch, versions[0], update)
             else:  # dynamic sampling drew on newer weights: each row under the weights that made it
-                ver = torch.tensor(versions)
-                batch["old_log_probs"] = torch.zeros(batch["labels"].shape)
-                for v in sorted(set(versions)):
-                    rows_v = torch.nonzero(ver == v).flatten()
-                    sub = {k: t[rows_v] for k, t in batch.items()}
-                    batch["old_log_probs"][rows_v] = behaviour.log_probs(sub, v, micro, **cut)
+                old = behaviour.log_probs_per_row(batch, versions, update)
+            if old is not None:
+                batch["old_log_probs"] = old
             batch["weight_version"] = torch.tensor(versions)
             done = step + 1
             behaviour.advance(done)
-            out = pg_update(model, optimizer, batch, scheduler=scheduler, **pg_update_kwargs(pg, seed, step))
+            out = pg_update(model, optimizer, batch, scheduler=scheduler, **update)
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
             metrics.update(draw_metrics)
             for i, mb in enumerate(out["per_step"]):
@@ -416,7 +493,9 @@ def train_pg(
             if done % pg["eval_every"] == 0 or done == pg["n_steps"]:
                 evals.request(done)
             if done % pg["checkpoint_every"] == 0 and done < pg["n_steps"]:
-                save_state(state_dir, model, optimizer, scheduler, done)
+                # staleness 1: the copy holds v(step), the weights that generate batch `done`
+                kept = behaviour.copy.state_dict() if behaviour.copy is not None else None
+                save_state(state_dir, model, optimizer, scheduler, done, behaviour=kept)
         evals.finish()
         log_peaks(logger, memory, client, step=pg["n_steps"])
         logger.summary({"steps": pg["n_steps"], "resumed_at": start, "wall_s": time.perf_counter() - t_run})

@@ -18,9 +18,18 @@ log = logging.getLogger("mathpt.train")
 
 
 def save_state(
-    state_dir: str | os.PathLike, model, optimizer, scheduler, step: int, extra: dict | None = None
+    state_dir: str | os.PathLike,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    extra: dict | None = None,
+    behaviour: dict | None = None,
 ) -> None:
-    """Save everything needed to resume after ``step`` optimizer steps, atomically."""
+    """Save everything needed to resume after ``step`` optimizer steps, atomically.
+
+    ``behaviour``: the state dict of the weights that generate the next batch when they are not the
+    model's (PG with staleness 1), so a resume generates it with the same weights."""
     with atomic_dir(state_dir) as tmp:
         torch.save(
             {
@@ -28,6 +37,7 @@ def save_state(
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "torch_rng": torch.get_rng_state(),
+                "behaviour": behaviour,
             },
             tmp / "state.pt",
         )
@@ -36,7 +46,8 @@ def save_state(
 
 
 def load_state(state_dir: str | os.PathLike, model, optimizer, scheduler) -> dict | None:
-    """Restore a previous run's state if ``state_dir`` holds one; returns its json (with ``step``)."""
+    """Restore a previous run's state if ``state_dir`` holds one; returns its json (with ``step``),
+    plus ``behaviour`` (a state dict or None) as ``save_state`` got it."""
     state_dir = Path(state_dir)
     if not (state_dir / "state.json").exists():
         return None
@@ -47,6 +58,7 @@ def load_state(state_dir: str | os.PathLike, model, optimizer, scheduler) -> dic
     if scheduler is not None and blob["scheduler"] is not None:
         scheduler.load_state_dict(blob["scheduler"])
     torch.set_rng_state(blob["torch_rng"])
+    meta["behaviour"] = blob.get("behaviour")
     log.info("resuming from %s at step %d", state_dir, meta["step"])
     return meta
 

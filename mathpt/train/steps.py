@@ -117,7 +117,7 @@ def sft_update(
     optimizer: torch.optim.Optimizer,
     microbatches: Sequence[dict[str, torch.Tensor]],
     max_grad_norm: float | None = 1.0,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     trim: bool = True,
     packing: bool = False,
@@ -167,34 +167,84 @@ def compute_old_log_probs(
     model: torch.nn.Module,
     rollout_batch: dict[str, torch.Tensor],
     microbatch_size: int,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     microbatch_tokens: int | None = None,
     packing: bool = False,
+    groups: Sequence[torch.Tensor] | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Log-probs (B, T) of the rollout labels under ``model`` as it is now (no grad), on CPU, 0 past the end.
 
-    Call this before any update on the batch: these are the behaviour policy's log-probs. Rows are
-    cut as ``pg_update`` cuts them (``microbatch_tokens``, ``packing``): the values do not depend on it.
+    Call this before any update on the batch: these are the behaviour policy's log-probs. ``groups``
+    are the microbatches (row indices) to run, normally the update's own cuts (``minibatch_plan``):
+    in fp32 the values do not depend on the cut, but in bf16 a different pack gives different
+    logits (up to 0.012 in log-prob on an H100), so the ratio's denominator takes the numerator's
+    cuts. Without ``groups`` the whole batch is cut by ``microbatch_tokens``/``microbatch_size``.
+    ``out``: fill these rows of an existing (B, T) tensor (others are left as they are).
     """
     device = _device(model)
     labels = rollout_batch["labels"]
     keys = BATCH_KEYS + (("attention_mask",) if "attention_mask" in rollout_batch else ())
     n = labels.shape[0]
-    if microbatch_tokens is not None:
+    if groups is None and microbatch_tokens is not None:
         lengths = response_lengths(rollout_batch["response_mask"])
         groups = token_budget_microbatches(lengths, microbatch_tokens, microbatch_size, packed=packing)
-    else:
+    elif groups is None:
         groups = [torch.arange(s, min(s + microbatch_size, n)) for s in range(0, n, microbatch_size)]
-    out = None
+    if out is None:  # fp32 normally; fp64 for fp64 models
+        out = torch.zeros(labels.shape, dtype=_log_prob_dtype(model))
     for rows in groups:
         mb = trim_padding(_to({k: rollout_batch[k][rows] for k in keys}, device), keys)
         with _autocast(device, autocast_dtype):
             lp = _forward(model, mb, chunk_size, packed=packing, entropy=False)["log_probs"]
-        if out is None:  # fp32 normally; fp64 for fp64 models
-            out = torch.zeros(labels.shape, dtype=lp.dtype)
-        out[rows, : lp.shape[1]] = lp.cpu()
+        out[rows, : lp.shape[1]] = lp.to("cpu", out.dtype)
     return out
+
+
+def _log_prob_dtype(model: torch.nn.Module) -> torch.dtype:
+    return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+
+
+def minibatch_plan(
+    response_mask: torch.Tensor,
+    minibatch_size: int | None = None,
+    microbatch_size: int | None = None,
+    microbatch_tokens: int | None = None,
+    packing: bool = False,
+    epochs: int = 1,
+    shuffle: bool = True,
+    seed: int = 0,
+    sort_by_length: bool = True,
+) -> list[list[torch.Tensor]]:
+    """``pg_update``'s cuts: per optimizer step, the row indices of each of its microbatches.
+
+    Deterministic in its arguments, so a caller computing old log-probs (``train_pg``'s behaviour
+    copy) cuts exactly as the updates will. The first ``ceil(B / minibatch_size)`` steps (one epoch)
+    cover every row once.
+    """
+    n = response_mask.shape[0]
+    minibatch_size = minibatch_size or n
+    microbatch_size = microbatch_size or minibatch_size
+    lengths = response_lengths(response_mask)
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    plan = []
+    for idx in _minibatches(n, minibatch_size, epochs, gen):
+        if sort_by_length:
+            idx = idx[torch.argsort(lengths[idx], descending=True, stable=True)]
+        if microbatch_tokens is not None:
+            cuts = token_budget_microbatches(lengths[idx], microbatch_tokens, microbatch_size, packed=packing)
+            plan.append([idx[g] for g in cuts])
+        else:
+            plan.append([idx[s : s + microbatch_size] for s in range(0, len(idx), microbatch_size)])
+    return plan
+
+
+def first_epoch_microbatches(
+    plan: list[list[torch.Tensor]], n: int, minibatch_size: int | None
+) -> list[torch.Tensor]:
+    """The microbatches of the plan's first epoch: every row once, cut as the updates cut it."""
+    return [g for step in plan[: math.ceil(n / (minibatch_size or n))] for g in step]
 
 
 def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
@@ -242,6 +292,28 @@ def _minibatches(n: int, size: int, epochs: int, generator: torch.Generator | No
             yield order[s : s + size]
 
 
+def _isin(rows: torch.Tensor, among: torch.Tensor) -> bool:
+    return bool(torch.isin(rows, among).all())
+
+
+def _fill_old_from_forward(
+    batch: dict[str, torch.Tensor],
+    mb: dict[str, torch.Tensor],
+    rows: torch.Tensor,
+    log_probs: torch.Tensor,
+    tis_cap: float,
+) -> None:
+    """On-policy first step: pi_old of ``rows`` is this forward's own output, detached (ratio = 1)."""
+    lp = log_probs.detach()
+    mb["old_log_probs"] = lp
+    old = batch["old_log_probs"]
+    old[rows, : lp.shape[1]] = lp.to("cpu", old.dtype)
+    if "tis_weights" in batch:
+        w = compute_tis_weights(lp, mb["sampler_log_probs"], tis_cap)
+        mb["tis_weights"] = w
+        batch["tis_weights"][rows, : w.shape[1]] = w.to("cpu", batch["tis_weights"].dtype)
+
+
 def _drift_metrics(sums: dict[str, float], prefix: str = "") -> dict[str, float]:
     """Per-token means of ``policy_drift_sums`` added up over microbatches."""
     tk = max(sums["tokens"], 1.0)
@@ -277,14 +349,14 @@ def pg_update(
     optimizer: torch.optim.Optimizer,
     rollout_batch: dict[str, torch.Tensor],
     loss_type: str,
-    cliprange: float = 0.2,
+    cliprange: float | None = None,
     epochs: int = 1,
     minibatch_size: int | None = None,
     microbatch_size: int | None = None,
     max_grad_norm: float | None = 1.0,
     loss_aggregation: str | None = None,
     normalize_constant: float | None = None,
-    autocast_dtype: torch.dtype | None = torch.bfloat16,
+    autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     shuffle: bool = True,
     seed: int = 0,
@@ -322,10 +394,14 @@ def pg_update(
 
     Metrics (every variant): loss, grad_norm, entropy, lr (of the step), tokens, and how far
     pi_theta is from pi_old over the minibatch: logp_gap_mean/max, kl_k3, clip_fraction (tokens
-    GRPO-clip clips or would clip), ratio_mean/min/max; for losses that clip, loss_clip_fraction
-    (response tokens the algorithm's own clip touched, e.g. GSPO's clipped sequences); with sampler log-probs, sampler_logp_gap_mean/
+    GRPO-clip's clip cuts; 0 for the variants without a clip, ``cliprange`` None), ratio_mean/min/max;
+    for losses that clip, loss_clip_fraction (response tokens the algorithm's own clip touched, e.g.
+    GSPO's clipped sequences); with sampler log-probs, sampler_logp_gap_mean/
     max and sampler_kl_k3 (pi_old vs pi_sampler); with TIS, tis_weight_mean and tis_capped_fraction.
-    ``per_step`` holds one dict per optimizer step (the first minibatch first), ``optimizer_steps``.
+    ``per_step`` holds one dict per optimizer step (the first minibatch first), ``optimizer_steps``,
+    ``old_log_probs`` the (B, T) pi_old the ratios used. Without given old log-probs (on-policy) the
+    first optimizer step's own forward, detached, is pi_old for its rows (ratio exactly 1 in any
+    dtype); the other rows are scored before the first step with the cuts of their own updates.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
@@ -343,6 +419,10 @@ def pg_update(
             f"unknown off_policy_correction {off_policy_correction!r}; "
             f"expected one of {OFF_POLICY_CORRECTIONS}"
         )
+    if loss_type == "grpo_clip" and cliprange is None:
+        raise ValueError("loss_type 'grpo_clip' needs cliprange (train.grpo_clip.cliprange)")
+    # the drift metrics' clip_fraction counts the tokens the clip cuts: none without a clip
+    clip_eps = math.inf if cliprange is None else cliprange
     device = _device(model)
     n = rollout_batch["input_ids"].shape[0]
     minibatch_size = minibatch_size or n
@@ -352,61 +432,50 @@ def pg_update(
             f"minibatch_size {minibatch_size} is not a multiple of microbatch_size {microbatch_size}"
         )
     batch = dict(rollout_batch)
-    if batch.get("old_log_probs") is None:
-        batch["old_log_probs"] = compute_old_log_probs(
-            model, batch, microbatch_size, autocast_dtype, chunk_size, microbatch_tokens, packing
-        )
-    mask_all = batch["response_mask"].bool()
-    batch_metrics: dict[str, float] = {}
-    if batch.get("sampler_log_probs") is not None:
-        s = {
-            k: float(v)
-            for k, v in policy_drift_sums(
-                batch["sampler_log_probs"],
-                batch["old_log_probs"],
-                mask_all,
-                batch["advantages"][:, None],
-                cliprange,
-            ).items()
-        }
-        d = _drift_metrics(s)
-        batch_metrics = {f"sampler_{k}": d[k] for k in ("logp_gap_mean", "logp_gap_max", "kl_k3")}
-    elif off_policy_correction == "tis":
+    if off_policy_correction == "tis" and batch.get("sampler_log_probs") is None:
         raise ValueError(
             "off_policy_correction 'tis' needs the sampler's log-probs (rollout_batch['sampler_log_probs'])"
         )
-    if off_policy_correction == "tis":
+    plan = minibatch_plan(
+        batch["response_mask"],
+        minibatch_size,
+        microbatch_size,
+        microbatch_tokens,
+        packing,
+        epochs,
+        shuffle,
+        seed,
+        sort_by_length,
+    )
+    # On-policy (no old log-probs given): the first optimizer step's own forward, detached, is
+    # pi_old for its rows, so its ratio is exactly 1 whatever the dtype and kernels; the other rows
+    # are scored now with the same cuts as their updates will use.
+    on_policy = batch.get("old_log_probs") is None
+    if on_policy:
+        first = torch.cat(plan[0])
+        rest = [g for g in first_epoch_microbatches(plan, n, minibatch_size) if not _isin(g, first)]
+        batch["old_log_probs"] = compute_old_log_probs(
+            model, batch, microbatch_size, autocast_dtype, chunk_size, packing=packing, groups=rest
+        )
+    if off_policy_correction == "tis":  # the first step's rows are refilled with its own forward
         batch["tis_weights"] = compute_tis_weights(
             batch["old_log_probs"], batch["sampler_log_probs"], tis_cap
         )
-        w = batch["tis_weights"][mask_all].double()
-        batch_metrics["tis_weight_mean"] = float(w.mean()) if w.numel() else 1.0
-        batch_metrics["tis_capped_fraction"] = float((w >= tis_cap).double().mean()) if w.numel() else 0.0
     if loss_aggregation == "sum_norm" and normalize_constant is None:
         # fixed before padding is trimmed per microbatch; trainers should pass max_new_tokens
         normalize_constant = float(batch["response_mask"].shape[1])
     optional = ("attention_mask", "old_log_probs", "tis_weights")
     seq_keys = BATCH_KEYS + tuple(k for k in optional if k in batch)
-    lengths = response_lengths(batch["response_mask"])
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    if on_policy and off_policy_correction == "tis":
+        seq_keys += ("sampler_log_probs",)
 
     per_step: list[dict[str, float]] = []
-    for idx in _minibatches(n, minibatch_size, epochs, gen):
-        if sort_by_length:
-            idx = idx[torch.argsort(lengths[idx], descending=True, stable=True)]
+    for step_i, groups in enumerate(plan):
+        idx = torch.cat(groups)
         mb_tokens = max(float(batch["response_mask"][idx].sum()), 1.0)
         optimizer.zero_grad(set_to_none=True)
         acc = {"loss": 0.0, "tokens": 0.0, "ent": 0.0}
         drift: dict[str, float] = {}
-        if microbatch_tokens is not None:
-            groups = [
-                idx[g]
-                for g in token_budget_microbatches(
-                    lengths[idx], microbatch_tokens, microbatch_size, packed=packing
-                )
-            ]
-        else:
-            groups = [idx[s : s + microbatch_size] for s in range(0, len(idx), microbatch_size)]
         for rows in groups:
             mb = {k: batch[k][rows] for k in seq_keys}
             mb = trim_padding(_to(mb, device), seq_keys)
@@ -419,6 +488,8 @@ def pg_update(
             norm = mb_tokens / ga if loss_aggregation == "token_mean" else normalize_constant
             with _autocast(device, autocast_dtype):
                 out = _forward(model, mb, chunk_size, packed=packing)
+                if on_policy and step_i == 0:
+                    _fill_old_from_forward(batch, mb, rows, out["log_probs"], tis_cap)
                 loss, meta = grpo_microbatch_train_step(
                     out["log_probs"],
                     mb["response_mask"],
@@ -441,7 +512,7 @@ def pg_update(
                     meta["clip_fraction"] * meta["response_tokens"]
                 )
             acc["ent"] += float(torch.where(mask, out["token_entropy"].detach(), 0.0).sum())
-            _add_sums(drift, policy_drift_sums(out["log_probs"], mb["old_log_probs"], mask, adv, cliprange))
+            _add_sums(drift, policy_drift_sums(out["log_probs"], mb["old_log_probs"], mask, adv, clip_eps))
         lr = float(optimizer.param_groups[0]["lr"])
         grad_norm = _clip(model, optimizer, max_grad_norm)
         optimizer.step()
@@ -463,6 +534,25 @@ def pg_update(
             step["loss_clip_fraction"] = acc["loss_clipped"] / tk
         per_step.append(step)
 
+    batch_metrics: dict[str, float] = {}
+    mask_all = batch["response_mask"].bool()
+    if batch.get("sampler_log_probs") is not None:
+        s = {
+            k: float(v)
+            for k, v in policy_drift_sums(
+                batch["sampler_log_probs"],
+                batch["old_log_probs"],
+                mask_all,
+                batch["advantages"][:, None],
+                clip_eps,
+            ).items()
+        }
+        d = _drift_metrics(s)
+        batch_metrics = {f"sampler_{k}": d[k] for k in ("logp_gap_mean", "logp_gap_max", "kl_k3")}
+    if off_policy_correction == "tis":
+        w = batch["tis_weights"][mask_all].double()
+        batch_metrics["tis_weight_mean"] = float(w.mean()) if w.numel() else 1.0
+        batch_metrics["tis_capped_fraction"] = float((w >= tis_cap).double().mean()) if w.numel() else 0.0
     metrics: dict = {}
     for k in per_step[0]:
         vals = [s[k] for s in per_step]
@@ -471,4 +561,5 @@ def pg_update(
     metrics.update(batch_metrics)
     metrics["optimizer_steps"] = len(per_step)
     metrics["per_step"] = per_step
+    metrics["old_log_probs"] = batch["old_log_probs"]  # pi_old as used (B, T), for logs and tests
     return metrics

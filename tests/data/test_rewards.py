@@ -471,3 +471,40 @@ def test_answer_correct_any_format(response, gold, right):
         assert (
             answer_correct_any_format(response, gold) >= get_reward_fn("qwen_boxed")(response, gold)["reward"]
         )
+
+
+@pytest.mark.parametrize(
+    ("pred", "gold", "expected"),
+    [
+        ("20 = 18", "18", False),  # a false equation states no answer (issue 27.8)
+        ("18 = 20", "20", False),
+        ("20 - 3 = 18", "18", False),
+        ("6 \\times 3 = 19", "19", False),
+        ("x = 18", "18", True),  # a label on the left
+        ("total = $18", "18", True),
+        ("2 + 16 = 18", "18", True),  # a true equation
+        ("6 \\times 3 = 18", "18", True),
+        ("36 / 2 = 18", "18", True),
+        ("$1,800 = 1800", "1800", True),
+        ("0.5 = 1/2", "0.5", True),
+        ("-3 = -3", "-3", True),
+        ("1800%", "18", False),  # a change of unit is not the answer
+        ("1800%", "1800", True),  # GSM8K writes percentages without the sign
+        ("50%", "0.5", True),  # a proportion
+        ("25%", "0.25", True),
+        ("0.18", "18%", True),
+        ("18", "1800%", False),
+        ("$18", "18", True),  # currency
+        ("$1,000", "1000", True),  # thousands separators
+        ("1,000", "1", False),
+        ("-5", "-5", True),  # negative numbers
+        ("-5", "5", False),
+        ("3/4", "0.75", True),  # fractions and decimals equal in value
+        ("\\frac{3}{4}", "0.75", True),
+        ("18.00", "18", True),
+        ("18 cm", "18", True),
+    ],
+)
+def test_false_equations_and_changes_of_unit_are_not_right(pred, gold, expected):
+    assert is_equivalent(pred, gold) is expected
+    assert r1_zero_reward_fn(f"x </think> <answer>{pred}</answer>", gold)["answer_reward"] == float(expected)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from mathpt.optim import MasterWeightAdamW, make_optimizer
 
 N = 100_000
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _grads(steps: int, seed: int) -> list[torch.Tensor]:
@@ -91,11 +93,14 @@ def test_lr_scheduler_reaches_inner_adamw():
 
 def test_make_optimizer_picks_by_dtype_and_skips_decay_on_vectors():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
-    opt = make_optimizer(model, {"lr": 1e-4, "weight_decay": 0.1})
+    opt = make_optimizer(model, {"lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]})
     assert type(opt) is torch.optim.AdamW
+    assert opt.param_groups[0]["betas"] == (0.9, 0.95)
     decays = {p.ndim: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert decays == {2: 0.1, 1: 0.0}
-    opt_bf16 = make_optimizer(model.to(torch.bfloat16), {"lr": 1e-4, "weight_decay": 0.1})
+    opt_bf16 = make_optimizer(
+        model.to(torch.bfloat16), {"lr": 1e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]}
+    )
     assert isinstance(opt_bf16, MasterWeightAdamW)
     assert all(m.dtype == torch.float32 for ms in opt_bf16.masters for m in ms)
 
@@ -113,8 +118,10 @@ def test_clip_grad_norm_matches_torch():
     exact = torch.cat([g.bfloat16().double().flatten() for g in grads]).norm().item()
     assert float(norm) == pytest.approx(exact, rel=1e-6)  # fp32 accumulation
     assert float(want) == pytest.approx(exact, rel=4e-3)  # torch returns a bf16 norm
-    for p, q in zip(ps, qs, strict=True):  # grads rescaled in place like torch does (CPU path)
-        torch.testing.assert_close(p.grad.float(), q.grad.float(), rtol=8e-3, atol=1e-6)
+    # grads moved to the fp32 masters and rescaled in place there, like torch does (CPU path)
+    for p, m, q in zip(ps, opt.masters[0], qs, strict=True):
+        assert p.grad is None and m.grad.dtype == torch.float32
+        torch.testing.assert_close(m.grad, q.grad.float(), rtol=8e-3, atol=1e-6)
 
 
 def test_triton_master_kernel_matches_torch_adamw(monkeypatch):
@@ -171,3 +178,29 @@ def test_triton_master_kernel_matches_torch_adamw(monkeypatch):
     # the bf16 param is the master rounded (the interpreter truncates, so allow one bf16 ulp)
     for p, m in zip(kp, kern.masters[0], strict=True):
         torch.testing.assert_close(p.float(), m, rtol=2**-7, atol=0)
+
+
+def test_make_optimizer_takes_its_settings_from_the_schema_only():
+    """Issue 26.2: no code default; the schema's betas (0.9, 0.95) reach the optimizer of both trainers."""
+    from mathpt.config import load_config, pg_config
+
+    cfg = load_config(REPO / "config" / "config.yaml")
+    model = torch.nn.Linear(4, 3)
+    for settings in (cfg["train"]["sft"], pg_config(cfg, "grpo_clip")):
+        opt = make_optimizer(model, settings)
+        assert opt.param_groups[0]["betas"] == tuple(settings["betas"])
+    with pytest.raises(KeyError, match="betas"):
+        make_optimizer(model, {"lr": 1e-4, "weight_decay": 0.0})
+
+
+def test_grads_accumulate_into_fp32_masters_across_backwards():
+    """A bf16 grad is folded into the fp32 master after every backward, so the sum is not rounded."""
+    p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    opt = MasterWeightAdamW([p], lr=1e-3)
+    for _ in range(1024):  # a bf16 sum of 2**-10s stalls at 0.25 (half an ulp, rounded to even)
+        (p * 2.0**-10).sum().backward()
+    assert p.grad is None
+    assert opt.masters[0][0].grad.dtype == torch.float32
+    torch.testing.assert_close(opt.masters[0][0].grad, torch.full((4,), 1.0), rtol=0, atol=0)
+    opt.zero_grad()
+    assert opt.masters[0][0].grad is None

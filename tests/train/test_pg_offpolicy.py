@@ -164,7 +164,8 @@ def test_train_pg_ratio_is_against_the_weights_that_generated_the_batch(
     behaviour_version = 1 - staleness
     assert not torch.equal(client.weights[0]["model.norm.weight"], client.weights[1]["model.norm.weight"])
     ref_old = _ref_log_probs(tiny_model_dir, client.weights[behaviour_version], batch)
-    torch.testing.assert_close(batch["old_log_probs"][mask].double(), ref_old[mask], rtol=0, atol=2e-5)
+    old = batch["old_log_probs"] if staleness else call["out"]["old_log_probs"]  # on-policy: pg_update's
+    torch.testing.assert_close(old[mask].double(), ref_old[mask], rtol=0, atol=2e-5)
     # pi_theta: the trainer's weights at the first minibatch (before any update on this batch) = v1
     for k, v in call["before"].items():
         torch.testing.assert_close(v, client.weights[1][k])
@@ -298,3 +299,90 @@ def test_vllm_per_sample_seeds_differ_within_a_group_and_reproduce(tiny_model_di
     assert a == b  # a rerun reproduces every sample
     assert [(i, j) for i, j, _ in a] == [(i, j) for i in range(3) for j in range(2)]
     assert len({tuple(t) for i, _, t in a if i < 2}) == 4  # identical prompts, four distinct samples
+
+
+@pytest.mark.parametrize("staleness", [0, 1])
+def test_train_pg_old_log_probs_take_the_updates_cuts_and_mb0_ratio_is_exactly_1(
+    tmp_path, tiny_model_dir, monkeypatch, staleness
+):
+    """Issue 27.1: in bf16 a different pack gives different logits (GPU), so pi_old must be computed
+    with the update's own cuts, and on-policy the first step's ratio must be exactly 1."""
+    import mathpt.train.pg as pg_mod
+    import mathpt.train.steps as steps_mod
+    from mathpt.train.steps import token_budget_microbatches
+
+    plans, old_cuts = [], []
+    real_plan, real_old = steps_mod.minibatch_plan, steps_mod.compute_old_log_probs
+
+    def plan_spy(*a, **kw):
+        plans.append(real_plan(*a, **kw))
+        return plans[-1]
+
+    def old_spy(*a, groups=None, **kw):
+        old_cuts.append(groups)
+        return real_old(*a, groups=groups, **kw)
+
+    monkeypatch.setattr(steps_mod, "minibatch_plan", plan_spy)  # the plans pg_update runs
+    for mod in (steps_mod, pg_mod):
+        monkeypatch.setattr(mod, "compute_old_log_probs", old_spy)
+    cfg = _cfg(staleness, minibatch_size=4, microbatch_size=None, microbatch_tokens=50, packing=True)
+    cfg["dtype"] = "bfloat16"
+    calls, _, _ = _run(tmp_path, tiny_model_dir, monkeypatch, cfg)
+    assert len(calls) == len(plans) == len(old_cuts) == 3
+    as_sets = lambda cuts: sorted(tuple(sorted(c.tolist())) for c in cuts)  # noqa: E731
+    for i, call in enumerate(calls):
+        update_plan = plans[i]
+        first_epoch = [g for step in update_plan[:2] for g in step]  # 8 rows / minibatch 4
+        on_policy = "old_log_probs" not in call["batch"]
+        assert on_policy == (staleness == 0 or i == 0)
+        if on_policy:  # the first step's rows come from its own forward; the rest with its cuts
+            assert as_sets(old_cuts[i]) == as_sets(update_plan[1])
+            mb0 = call["out"]["per_step"][0]
+            assert mb0["ratio_min"] == mb0["ratio_max"] == 1.0 and mb0["logp_gap_max"] == 0.0
+        else:
+            assert as_sets(old_cuts[i]) == as_sets(first_epoch)
+        # the whole-batch cuts the old code used are not the update's: this setting can tell them apart
+        lengths = steps_mod.response_lengths(call["batch"]["response_mask"])
+        assert as_sets(token_budget_microbatches(lengths, 50, None, packed=True)) != as_sets(first_epoch)
+
+
+def test_train_pg_rejects_a_temperature_other_than_1(tmp_path, tiny_model_dir, monkeypatch):
+    """Issue 27.6: at T != 1 the samples are not from the policy the trainer scores."""
+    from mathpt.io import MathptError
+
+    with pytest.raises(MathptError, match=r"train\.pg\.temperature is 0\.7"):
+        _run(tmp_path, tiny_model_dir, monkeypatch, _cfg(0, temperature=0.7))
+
+
+def test_train_pg_resume_at_staleness_1_draws_the_uninterrupted_batches(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """Issue 27.7: after a resume at step 2, batch 2 is generated with v1 (the saved behaviour copy),
+    as in the uninterrupted run, so it holds the same tokens and the same pi_old."""
+    import mathpt.train.pg as pg_mod
+
+    cfg = _cfg(1, checkpoint_every=1)
+    for d in ("full", "resumed"):
+        (tmp_path / d).mkdir()
+    full, _, _ = _run(tmp_path / "full", tiny_model_dir, monkeypatch, cfg)
+    real = pg_mod.pg_update
+    n_calls = itertools.count()
+
+    def killed_at_step_2(*a, **kw):
+        if next(n_calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(pg_mod, "pg_update", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "resumed", tiny_model_dir, monkeypatch, cfg)
+    assert (tmp_path / "resumed" / "state" / "state.json").exists()
+    monkeypatch.setattr(pg_mod, "pg_update", real)
+    resumed, _, logged = _run(tmp_path / "resumed", tiny_model_dir, monkeypatch, cfg)
+    assert len(resumed) == 1  # step 2 only
+    want, got = full[2]["batch"], resumed[0]["batch"]
+    assert not torch.equal(full[1]["batch"]["input_ids"], want["input_ids"])  # batches differ per step
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    torch.testing.assert_close(got["old_log_probs"], want["old_log_probs"], rtol=0, atol=0)
+    row = next(r for r in logged if r["step"] == 3)
+    assert row["rollout_weight_version"] == 1
