@@ -219,7 +219,8 @@ def test_dapo_dynamic_sampling_through_train_pg(tmp_path, tiny_model_dir, monkey
             sub = {k: b[k][rows] for k in ("input_ids", "labels", "response_mask")}
             ref = offp._ref_log_probs(tiny_model_dir, client.weights[v], sub)
             m = sub["response_mask"]
-            old = call["out"]["old_log_probs"]  # pi_old as pg_update used it (on-policy rows: its own forward)
+            # pi_old as pg_update used it (on-policy rows: the update's own forward)
+            old = call["out"]["old_log_probs"]
             torch.testing.assert_close(old[rows][m].double(), ref[m], rtol=0, atol=2e-5)
     assert mixed >= 1  # the staleness-1 case was exercised
     # a rerun draws the same samples
