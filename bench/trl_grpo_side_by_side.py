@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 GPU_MEM, LR = 0.45, 1.0e-5
 
@@ -44,17 +45,13 @@ def prompts_of(model: str) -> list[dict]:
 # ---------------------------------------------------------------- mathpt
 
 
-def run_mathpt(a) -> dict:
-    import torch
-    import yaml
+def mathpt_config(a) -> dict:
+    """The train job's settings exactly as ``scripts/train.py`` gets them: the reference config
+    (validated, schema defaults filled), the bench's sizes and layout over it, then the rule's slice."""
+    from mathpt.config import load_config, rule_slice, validate_config
 
-    from mathpt.config import pg_config
-    from mathpt.train.pg import train_pg
-
-    ref = yaml.safe_load(
-        (Path(__file__).resolve().parent.parent / "config/qwen2.5-math-1.5b.yaml").read_text()
-    )
-    ref["train"]["pg"].update(
+    config = load_config(REPO / "config/qwen2.5-math-1.5b.yaml")
+    config["train"]["pg"].update(
         n_steps=a.steps,
         rollout_batch_size=a.prompts * a.group,
         group_size=a.group,
@@ -67,23 +64,26 @@ def run_mathpt(a) -> dict:
         val_max_new_tokens=32,
         checkpoint_every=10_000,
     )
-    runtime = {
-        "layout": a.layout,
-        "engine": "vllm",
-        "handoff": "auto",
-        "gpu_memory_utilization": GPU_MEM if a.layout != "cpu" else 0.02,
-        "max_model_len": a.max_model_len,
-        "heartbeat_timeout_s": 600,
-    }
-    cfg = {
-        "algo": "grpo_clip",
-        "seed": 0,
-        "dtype": "bfloat16" if a.layout != "cpu" else "float32",
-        "prompt_style": "r1_zero",
-        "runtime": runtime,
-        "pg": pg_config(ref, "grpo_clip"),
-        "pg_init": "base",
-    }
+    config["runtime"].update(
+        layout=a.layout,
+        engine=a.engine,
+        handoff="auto",
+        gpu_memory_utilization=GPU_MEM if a.layout != "cpu" else 0.02,
+        max_model_len=a.max_model_len,
+        heartbeat_timeout_s=600,
+    )
+    config["train"]["dtype"] = "bfloat16" if a.layout != "cpu" else "float32"
+    config["wandb"]["mode"] = "disabled"
+    validate_config(config)
+    return rule_slice(config, "train", algo="grpo_clip", seed=0)
+
+
+def run_mathpt(a) -> dict:
+    import torch
+
+    from mathpt.train.pg import train_pg
+
+    cfg = mathpt_config(a)
     work = Path(a.work) / f"mathpt_s{a.staleness}"
     t0 = time.perf_counter()
     train_pg(
@@ -94,7 +94,7 @@ def run_mathpt(a) -> dict:
         out_dir=str(work / "ckpt"),
         run_dir=str(work / "run"),
         state_dir=str(work / "state"),
-        wandb_cfg={"mode": "disabled"},
+        wandb_cfg=cfg["wandb"],
     )
     total = time.perf_counter() - t0
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -292,6 +292,9 @@ def main() -> None:
         "--layout", default="one_gpu", help="mathpt side: one_gpu (the measurement) or cpu (smoke test)"
     )
     ap.add_argument(
+        "--engine", default="vllm", help="mathpt side's inference engine: vllm or hf (CPU smoke test)"
+    )
+    ap.add_argument(
         "--no-vllm", action="store_true", help="TRL side without vLLM, on CPU (a smoke test of this script)"
     )
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
@@ -316,15 +319,20 @@ def main() -> None:
         log(f"{a.side} done: {'error' if 'error' in res else 'ok'}")
         sys.stdout.flush()
         os._exit(0)
+    t_run = time.time()
     for side in a.sides.split(","):
         log(f"start {side}")
         cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
         subprocess.run(cmd, check=False)
-    results = (
-        [json.loads(x) for x in (out / "side_by_side.jsonl").read_text().splitlines()]
-        if (out / "side_by_side.jsonl").exists()
-        else []
-    )
+    results = [  # this run's rows (the file keeps earlier runs' rows too)
+        r
+        for r in (
+            [json.loads(x) for x in (out / "side_by_side.jsonl").read_text().splitlines()]
+            if (out / "side_by_side.jsonl").exists()
+            else []
+        )
+        if r.get("t_start_epoch", 0) >= t_run
+    ]
     table = []
     for r in results:
         if "error" in r:
@@ -333,6 +341,9 @@ def main() -> None:
             table += summarize(r)
     w = max((len(k) for k, _ in table), default=0)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in table))
+    missing = set(a.sides.split(",")) - {r["side"] for r in results if "error" not in r}
+    if missing:  # a side that failed (or never reported) fails the run, so a broken bench is seen
+        sys.exit(f"side_by_side: no result from {', '.join(sorted(missing))}")
 
 
 if __name__ == "__main__":
