@@ -325,7 +325,7 @@ def main() -> None:
         load_format="dummy",
         skip_tokenizer_init=True,
         enforce_eager=not a.compiled,
-        max_model_len=1024,
+        max_model_len=min(1024, config.max_position_embeddings),
         seed=0,
     )
     if on_gpu:

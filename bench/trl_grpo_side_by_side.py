@@ -4,10 +4,13 @@ Both sides: the random-init Qwen2.5-Math-1.5B-shape model made by ``bench_rollou
 (same weights, same 151,936-token tokenizer), 64 GSM8K prompts x 8 samples = 512 rollouts per
 batch, up to 1,024 new tokens, temperature 1, stop at ``</answer>``, the project's r1_zero reward,
 4 optimizer steps per batch (minibatch 128, microbatch 8), lr 1e-5, clip 0.2, no KL term, vLLM
-beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.45.
+beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.45 (``--gpu-mem``; an 80 GB
+H100 needs 0.30 and ``--microbatch-tokens 4096``).
 
 - mathpt: ``mathpt.train.pg.train_pg`` itself (the one_gpu layout: inference worker process, CUDA
   IPC hand-off, ``staleness`` 1 = the reference config), per-step split from its metrics.jsonl.
+  Its settings are the train job's slice of ``config/qwen2.5-math-1.5b.yaml`` as it stands, built
+  the way ``scripts/train.py`` gets it (validated, schema defaults), with the sizes above over it.
 - TRL: ``GRPOTrainer`` in vLLM colocate mode, ``loss_type="grpo"`` (per-sequence token mean, then
   the batch mean: our ``seq_mean``), ``steps_per_generation`` 64 x ``per_device_train_batch_size`` 8
   = 512 rollouts, ``gradient_accumulation_steps`` 16 (4 optimizer steps per batch), ``beta`` 0.
@@ -15,6 +18,9 @@ beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.45.
 Each side runs in its own process, one after the other, from this one script:
 
     python bench/trl_grpo_side_by_side.py --model /tmp/bm --out $OUT [--sides mathpt,trl] [--steps 3]
+
+On CPU (the smoke run in tests/bench): ``--layout cpu --engine hf`` for mathpt, ``--no-vllm`` for
+TRL, with small ``--prompts/--group/--max-new``. A side that fails makes the run exit non-zero.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-GPU_MEM, LR = 0.45, 1.0e-5
+LR = 1.0e-5
 
 
 def log(msg: str) -> None:
@@ -64,11 +70,13 @@ def mathpt_config(a) -> dict:
         val_max_new_tokens=32,
         checkpoint_every=10_000,
     )
+    if a.microbatch_tokens:
+        config["train"]["pg"]["microbatch_tokens"] = a.microbatch_tokens
     config["runtime"].update(
         layout=a.layout,
         engine=a.engine,
         handoff="auto",
-        gpu_memory_utilization=GPU_MEM if a.layout != "cpu" else 0.02,
+        gpu_memory_utilization=a.gpu_mem if a.layout != "cpu" else 0.02,
         max_model_len=a.max_model_len,
         heartbeat_timeout_s=600,
     )
@@ -133,7 +141,7 @@ def run_trl(a) -> dict:
     vllm_kw = (
         dict(
             vllm_mode="colocate",
-            vllm_gpu_memory_utilization=GPU_MEM,
+            vllm_gpu_memory_utilization=a.gpu_mem,
             vllm_max_model_length=a.max_model_len,
             generation_kwargs={"stop": ["</answer>"], "include_stop_str_in_output": True},
         )
@@ -288,6 +296,10 @@ def main() -> None:
     ap.add_argument("--minibatch", type=int, default=128)
     ap.add_argument("--microbatch", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's share of the GPU, both sides")
+    ap.add_argument(
+        "--microbatch-tokens", type=int, default=None, help="mathpt side (default: the reference config's)"
+    )
     ap.add_argument(
         "--layout", default="one_gpu", help="mathpt side: one_gpu (the measurement) or cpu (smoke test)"
     )

@@ -179,7 +179,7 @@ def main() -> None:
         load_format="dummy",
         skip_tokenizer_init=True,
         enforce_eager=not a.compiled,
-        max_model_len=2048,
+        max_model_len=min(2048, config.max_position_embeddings),
         seed=0,
     )
     if a.cpu:
