@@ -6,6 +6,7 @@ and initializes a Qwen2-architecture model with random weights whose sizes come 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -126,8 +127,8 @@ def init_model(
     if dtype is not None:
         kwargs["dtype"] = dtype
     torch.manual_seed(seed)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, **kwargs)
+    with torch.device(device):  # a copy: from_config(dtype=...) writes the dtype into the config it gets
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs)
 
 
 def build_tiny_model(texts: Iterable[str], out_dir: str | os.PathLike, sizes: dict | None = None) -> Path:
