@@ -34,37 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mathpt.engines.base import SamplingConfig  # noqa: E402
 
-SHAPES = {
-    # Qwen2.5-Math-1.5B
-    "1.5b": dict(
-        vocab_size=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_hidden_layers=28,
-        num_attention_heads=12,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        rope_theta=10000.0,
-        rms_norm_eps=1e-6,
-    ),
-    "tiny": dict(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
-    ),
-}
+BENCH = Path(__file__).resolve().parent
+SHAPES = {"1.5b": BENCH / "qwen2.5-math-1.5b-shape.yaml", "tiny": BENCH / "tiny-shape.yaml"}
 
 
 def build_config(shape: str):
-    from transformers import Qwen2Config
+    """The Qwen2 config of a shape name (``SHAPES``) or shape file; no tokenizer (token-id prompts)."""
+    from mathpt.models import load_shape, qwen2_config
 
-    return Qwen2Config(**SHAPES[shape], bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return qwen2_config(load_shape(SHAPES.get(shape, shape)))
 
 
 def write_model_dir(config, path: Path) -> Path:
@@ -75,12 +53,9 @@ def write_model_dir(config, path: Path) -> Path:
 
 
 def build_trainer_model(config, device: str, dtype: torch.dtype):
-    from transformers import Qwen2ForCausalLM
+    from mathpt.models import init_model
 
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(dtype)
-    return model
+    return init_model(config, seed=0, device=device, dtype=dtype)
 
 
 def random_prompts(n: int, length: int, vocab: int, seed: int) -> list[list[int]]:
@@ -324,7 +299,7 @@ def vllm_alone(model_dir, engine_kwargs, prompts, params, reps) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="1.5b", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="1.5b", help=f"{' or '.join(SHAPES)} or a shape file")
     ap.add_argument("--device", default="cuda:0")
     ap.add_argument("--handoff", default="auto")
     ap.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's share of the shared GPU")
@@ -342,13 +317,15 @@ def main() -> None:
     on_gpu = a.device.startswith("cuda")
     dtype = torch.bfloat16 if on_gpu else torch.float32
     config = build_config(a.shape)
-    model_dir = write_model_dir(config, Path(os.environ.get("TMPDIR", "/tmp")) / f"mathpt_bench_{a.shape}")
+    model_dir = write_model_dir(
+        config, Path(os.environ.get("TMPDIR", "/tmp")) / f"mathpt_bench_{Path(a.shape).stem}"
+    )
     engine_kwargs = dict(
         dtype="bfloat16" if on_gpu else "float32",
         load_format="dummy",
         skip_tokenizer_init=True,
         enforce_eager=not a.compiled,
-        max_model_len=1024,
+        max_model_len=min(1024, config.max_position_embeddings),
         seed=0,
     )
     if on_gpu:

@@ -61,7 +61,7 @@ def build_model(out: Path, sharpen: float, dtype: str) -> Path:
 def child(
     engine: str, model_dir: str, dtype: str, out_path: str, n_prompts: int, n: int, max_new: int
 ) -> None:
-    from mathpt.engines.base import SamplingConfig, make_engine
+    from mathpt.engines import SamplingConfig, make_engine
 
     rows = problems("test", n_prompts)
     kwargs = {"dtype": dtype}

@@ -63,8 +63,9 @@ def prepare(a) -> None:
     """Random-init weights (bf16, seed 0) + tokenizer + prompts files, for every later phase."""
     import shutil
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    from mathpt.models import init_model
     from mathpt.prompts import format_prompt
 
     out = Path(a.out)
@@ -72,10 +73,9 @@ def prepare(a) -> None:
     for f in Path(a.model_dir).iterdir():
         shutil.copy(f, out / f.name)
     config = AutoConfig.from_pretrained(out)
-    torch.manual_seed(0)
     t0 = time.perf_counter()
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = init_model(config, seed=0, device=device, dtype=torch.bfloat16)
     model.save_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
     rows = [json.loads(x) for x in Path(a.gsm8k).read_text().splitlines() if x.strip()]

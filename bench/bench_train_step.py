@@ -76,20 +76,11 @@ def checkpoint_layers(model: torch.nn.Module, n_layers: int) -> int:
 
 
 def build_model(shape_file: str, device: torch.device, dtype: torch.dtype):
-    import yaml
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from mathpt.models import init_model, load_shape, qwen2_config
 
-    shape = yaml.safe_load(Path(shape_file).read_text())
-    cfg = Qwen2Config(**shape, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Qwen2ForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
-    model.to(dtype).train()
+    shape = load_shape(shape_file)
+    model = init_model(qwen2_config(shape), seed=0, device=device, dtype=dtype, attn_implementation="sdpa")
+    model.train()
     return model, shape
 
 

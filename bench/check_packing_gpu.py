@@ -3,19 +3,33 @@ compiled layers: the check to run once on a GPU machine before trusting ``packin
 (CPU tests cover the SDPA path in float64; this covers the bf16 varlen kernel).
 
     PYTHONPATH=. python bench/check_packing_gpu.py
+    PYTHONPATH=. python bench/check_packing_gpu.py --device cpu --shape bench/tiny-shape.yaml --eager-only  # smoke
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from mathpt.functional import get_response_log_probs
+from mathpt.models import init_model, load_shape, qwen2_config
 from mathpt.train.compile import compile_layers
 from mathpt.train.packing import packed_response_log_probs
+
+# Small enough to check in seconds, large enough for several heads and the 128-column head blocks.
+CHECK_SHAPE = dict(
+    vocab_size=4096,
+    hidden_size=512,
+    intermediate_size=1024,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    tie_word_embeddings=True,
+)
 
 
 def batch(rows: int, width: int, vocab: int, device) -> dict[str, torch.Tensor]:
@@ -42,27 +56,25 @@ def loss_and_grads(model, b, packed: bool):
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("check_packing_gpu: no CUDA device; nothing to check")
-        return 0
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=4096,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda (the check) or cpu (a smoke run of this script)")
+    ap.add_argument("--shape", default=None, help="shape file (default: a 4-layer, 512-wide model)")
+    ap.add_argument("--eager-only", action="store_true", help="skip the compiled-layers half")
+    a = ap.parse_args()
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print(
+            "check_packing_gpu.py needs CUDA (the varlen FlashAttention path); use --device cpu for a smoke run"
+        )
+        return 2
+    cfg = qwen2_config(load_shape(a.shape) if a.shape else CHECK_SHAPE)
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     ok = True
-    for compiled in (False, True):
-        model = Qwen2ForCausalLM(cfg).to("cuda", torch.bfloat16)
+    for compiled in (False,) if a.eager_only else (False, True):
+        model = init_model(cfg, seed=0, device=a.device, dtype=dtype)
         if compiled:
             compile_layers(model)
         for width in (300, 517):  # two shapes: a compiled model must not break on a new length
-            b = batch(6, width, cfg.vocab_size, "cuda")
+            b = batch(6, width, cfg.vocab_size, a.device)
             ref_lp, ref_g = loss_and_grads(copy.deepcopy(model) if not compiled else model, b, False)
             lp, g = loss_and_grads(model, b, True)
             m = b["mask"]

@@ -4,10 +4,13 @@ Both sides: the random-init Qwen2.5-Math-1.5B-shape model made by ``bench_rollou
 (same weights, same 151,936-token tokenizer), 64 GSM8K prompts x 8 samples = 512 rollouts per
 batch, up to 1,024 new tokens, temperature 1, stop at ``</answer>``, the project's r1_zero reward,
 4 optimizer steps per batch (minibatch 128, microbatch 8), lr 1e-5, clip 0.2, no KL term, vLLM
-beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.45.
+beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.45 (``--gpu-mem``; an 80 GB
+H100 needs 0.30 and ``--microbatch-tokens 4096``).
 
 - mathpt: ``mathpt.train.pg.train_pg`` itself (the one_gpu layout: inference worker process, CUDA
   IPC hand-off, ``staleness`` 1 = the reference config), per-step split from its metrics.jsonl.
+  Its settings are the train job's slice of ``config/qwen2.5-math-1.5b.yaml`` as it stands, built
+  the way ``scripts/train.py`` gets it (validated, schema defaults), with the sizes above over it.
 - TRL: ``GRPOTrainer`` in vLLM colocate mode, ``loss_type="grpo"`` (per-sequence token mean, then
   the batch mean: our ``seq_mean``), ``steps_per_generation`` 64 x ``per_device_train_batch_size`` 8
   = 512 rollouts, ``gradient_accumulation_steps`` 16 (4 optimizer steps per batch), ``beta`` 0.
@@ -15,6 +18,9 @@ beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.45.
 Each side runs in its own process, one after the other, from this one script:
 
     python bench/trl_grpo_side_by_side.py --model /tmp/bm --out $OUT [--sides mathpt,trl] [--steps 3]
+
+On CPU (the smoke run in tests/bench): ``--layout cpu --engine hf`` for mathpt, ``--no-vllm`` for
+TRL, with small ``--prompts/--group/--max-new``. A side that fails makes the run exit non-zero.
 """
 
 from __future__ import annotations
@@ -28,9 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-GPU_MEM, LR = 0.45, 1.0e-5
+LR = 1.0e-5
 
 
 def log(msg: str) -> None:
@@ -44,17 +51,13 @@ def prompts_of(model: str) -> list[dict]:
 # ---------------------------------------------------------------- mathpt
 
 
-def run_mathpt(a) -> dict:
-    import torch
-    import yaml
+def mathpt_config(a) -> dict:
+    """The train job's settings exactly as ``scripts/train.py`` gets them: the reference config
+    (validated, schema defaults filled), the bench's sizes and layout over it, then the rule's slice."""
+    from mathpt.config import load_config, rule_slice, validate_config
 
-    from mathpt.config import pg_config
-    from mathpt.train.pg import train_pg
-
-    ref = yaml.safe_load(
-        (Path(__file__).resolve().parent.parent / "config/qwen2.5-math-1.5b.yaml").read_text()
-    )
-    ref["train"]["pg"].update(
+    config = load_config(REPO / "config/qwen2.5-math-1.5b.yaml")
+    config["train"]["pg"].update(
         n_steps=a.steps,
         rollout_batch_size=a.prompts * a.group,
         group_size=a.group,
@@ -67,23 +70,28 @@ def run_mathpt(a) -> dict:
         val_max_new_tokens=32,
         checkpoint_every=10_000,
     )
-    runtime = {
-        "layout": a.layout,
-        "engine": "vllm",
-        "handoff": "auto",
-        "gpu_memory_utilization": GPU_MEM if a.layout != "cpu" else 0.02,
-        "max_model_len": a.max_model_len,
-        "heartbeat_timeout_s": 600,
-    }
-    cfg = {
-        "algo": "grpo_clip",
-        "seed": 0,
-        "dtype": "bfloat16" if a.layout != "cpu" else "float32",
-        "prompt_style": "r1_zero",
-        "runtime": runtime,
-        "pg": pg_config(ref, "grpo_clip"),
-        "pg_init": "base",
-    }
+    if a.microbatch_tokens:
+        config["train"]["pg"]["microbatch_tokens"] = a.microbatch_tokens
+    config["runtime"].update(
+        layout=a.layout,
+        engine=a.engine,
+        handoff="auto",
+        gpu_memory_utilization=a.gpu_mem if a.layout != "cpu" else 0.02,
+        max_model_len=a.max_model_len,
+        heartbeat_timeout_s=600,
+    )
+    config["train"]["dtype"] = "bfloat16" if a.layout != "cpu" else "float32"
+    config["wandb"]["mode"] = "disabled"
+    validate_config(config)
+    return rule_slice(config, "train", algo="grpo_clip", seed=0)
+
+
+def run_mathpt(a) -> dict:
+    import torch
+
+    from mathpt.train.pg import train_pg
+
+    cfg = mathpt_config(a)
     work = Path(a.work) / f"mathpt_s{a.staleness}"
     t0 = time.perf_counter()
     train_pg(
@@ -94,7 +102,7 @@ def run_mathpt(a) -> dict:
         out_dir=str(work / "ckpt"),
         run_dir=str(work / "run"),
         state_dir=str(work / "state"),
-        wandb_cfg={"mode": "disabled"},
+        wandb_cfg=cfg["wandb"],
     )
     total = time.perf_counter() - t0
     rows = [json.loads(x) for x in (work / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -133,7 +141,7 @@ def run_trl(a) -> dict:
     vllm_kw = (
         dict(
             vllm_mode="colocate",
-            vllm_gpu_memory_utilization=GPU_MEM,
+            vllm_gpu_memory_utilization=a.gpu_mem,
             vllm_max_model_length=a.max_model_len,
             generation_kwargs={"stop": ["</answer>"], "include_stop_str_in_output": True},
         )
@@ -288,8 +296,15 @@ def main() -> None:
     ap.add_argument("--minibatch", type=int, default=128)
     ap.add_argument("--microbatch", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=4096)
+    ap.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's share of the GPU, both sides")
+    ap.add_argument(
+        "--microbatch-tokens", type=int, default=None, help="mathpt side (default: the reference config's)"
+    )
     ap.add_argument(
         "--layout", default="one_gpu", help="mathpt side: one_gpu (the measurement) or cpu (smoke test)"
+    )
+    ap.add_argument(
+        "--engine", default="vllm", help="mathpt side's inference engine: vllm or hf (CPU smoke test)"
     )
     ap.add_argument(
         "--no-vllm", action="store_true", help="TRL side without vLLM, on CPU (a smoke test of this script)"
@@ -316,15 +331,20 @@ def main() -> None:
         log(f"{a.side} done: {'error' if 'error' in res else 'ok'}")
         sys.stdout.flush()
         os._exit(0)
+    t_run = time.time()
     for side in a.sides.split(","):
         log(f"start {side}")
         cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
         subprocess.run(cmd, check=False)
-    results = (
-        [json.loads(x) for x in (out / "side_by_side.jsonl").read_text().splitlines()]
-        if (out / "side_by_side.jsonl").exists()
-        else []
-    )
+    results = [  # this run's rows (the file keeps earlier runs' rows too)
+        r
+        for r in (
+            [json.loads(x) for x in (out / "side_by_side.jsonl").read_text().splitlines()]
+            if (out / "side_by_side.jsonl").exists()
+            else []
+        )
+        if r.get("t_start_epoch", 0) >= t_run
+    ]
     table = []
     for r in results:
         if "error" in r:
@@ -333,6 +353,9 @@ def main() -> None:
             table += summarize(r)
     w = max((len(k) for k, _ in table), default=0)
     print("\n".join(f"{k:<{w}}  {v}" for k, v in table))
+    missing = set(a.sides.split(",")) - {r["side"] for r in results if "error" not in r}
+    if missing:  # a side that failed (or never reported) fails the run, so a broken bench is seen
+        sys.exit(f"side_by_side: no result from {', '.join(sorted(missing))}")
 
 
 if __name__ == "__main__":

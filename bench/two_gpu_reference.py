@@ -171,13 +171,15 @@ def main() -> None:
     trainer_dev, worker_dev = ("cpu", "cpu") if a.cpu else ("cuda:0", "cuda:1")
     dtype = torch.float32 if a.cpu else torch.bfloat16
     config = build_config(a.shape)
-    model_dir = write_model_dir(config, Path(os.environ.get("TMPDIR", "/tmp")) / f"mathpt_bench_{a.shape}")
+    model_dir = write_model_dir(
+        config, Path(os.environ.get("TMPDIR", "/tmp")) / f"mathpt_bench_{Path(a.shape).stem}"
+    )
     engine_kwargs = dict(
         dtype="float32" if a.cpu else "bfloat16",
         load_format="dummy",
         skip_tokenizer_init=True,
         enforce_eager=not a.compiled,
-        max_model_len=2048,
+        max_model_len=min(2048, config.max_position_embeddings),
         seed=0,
     )
     if a.cpu:

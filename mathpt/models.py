@@ -6,6 +6,7 @@ and initializes a Qwen2-architecture model with random weights whose sizes come 
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,10 +32,14 @@ DEFAULT_TINY = {
 }
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int):
-    """A byte-level BPE tokenizer (GPT-2/Qwen style) trained on ``texts``, as a fast HF tokenizer."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int, pad_to: int | None = None):
+    """A byte-level BPE tokenizer (GPT-2/Qwen style) trained on ``texts``, as a fast HF tokenizer.
+
+    ``pad_to``: pad the vocabulary to that many tokens with filler tokens (three byte-level
+    characters each: unreachable by the merges, but decodable), so a random-init model samples over
+    a real model's vocabulary and detokenization costs what it costs there (the GPU benchmarks).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,6 +51,36 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    if pad_to is not None:
+        tok = _pad_vocab(tok, pad_to)
+    return _fast_tokenizer(tok)
+
+
+def _pad_vocab(tok, vocab_size: int):
+    """``tok`` with filler tokens appended until its vocabulary has ``vocab_size`` entries."""
+    import json
+
+    from tokenizers import Tokenizer, pre_tokenizers
+
+    spec = json.loads(tok.to_str())
+    vocab: dict[str, int] = spec["model"]["vocab"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    n = len(alphabet)
+    i = 0
+    while len(vocab) < vocab_size:
+        s = alphabet[(i // n**2) % n] + alphabet[(i // n) % n] + alphabet[i % n]
+        i += 1
+        if s not in vocab:
+            vocab[s] = len(vocab)
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"padded vocabulary ids are not 0..{len(vocab) - 1}")
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _fast_tokenizer(tok):
+    """The project's HF wrapper of a ``tokenizers`` BPE: special tokens, chat template, no length cap."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|endoftext|>",
@@ -57,28 +92,51 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     return fast
 
 
+def load_shape(path: str | os.PathLike) -> dict:
+    """A model shape file (YAML of ``Qwen2Config`` keys, e.g. ``bench/qwen2.5-math-1.5b-shape.yaml``)."""
+    import yaml
+
+    return dict(yaml.safe_load(Path(path).read_text()))
+
+
+def qwen2_config(shape: dict, tokenizer=None, **extra):
+    """A Qwen2 config of ``shape`` (``Qwen2Config`` keys). With a tokenizer, its vocabulary size and
+    special ids; without one (token-id prompts only), ids 0/1 for bos/eos and pad."""
+    from transformers import Qwen2Config
+
+    shape = {k: v for k, v in shape.items() if k not in ("seed", "tokenizer_rows")}
+    if tokenizer is None:
+        ids = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
+    else:
+        shape["vocab_size"] = len(tokenizer)
+        ids = {
+            "bos_token_id": tokenizer.eos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        }
+    return Qwen2Config(**shape, **ids, **extra)
+
+
+def init_model(
+    config, *, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, **kwargs
+):
+    """A seeded random-init causal LM of ``config``, built directly on ``device`` in ``dtype`` (no hub;
+    ``kwargs`` go to ``from_config``, e.g. ``attn_implementation``)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    torch.manual_seed(seed)
+    with torch.device(device):  # a copy: from_config(dtype=...) writes the dtype into the config it gets
+        return AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs)
+
+
 def build_tiny_model(texts: Iterable[str], out_dir: str | os.PathLike, sizes: dict | None = None) -> Path:
     """Train a tokenizer on ``texts`` and save a seeded random-init Qwen2 model + tokenizer to ``out_dir``."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
     cfg = {**DEFAULT_TINY, **(sizes or {})}
     tokenizer = train_tokenizer(texts, cfg["vocab_size"])
-    torch.manual_seed(cfg["seed"])
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=cfg["hidden_size"],
-        intermediate_size=cfg["intermediate_size"],
-        num_hidden_layers=cfg["num_hidden_layers"],
-        num_attention_heads=cfg["num_attention_heads"],
-        num_key_value_heads=cfg["num_key_value_heads"],
-        max_position_embeddings=cfg["max_position_embeddings"],
-        tie_word_embeddings=cfg["tie_word_embeddings"],
-        bos_token_id=tokenizer.eos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        torch_dtype="float32",
-    )
-    model = Qwen2ForCausalLM(config)
+    config = qwen2_config(cfg, tokenizer, torch_dtype="float32")
+    model = init_model(config, seed=cfg["seed"])
     out = Path(out_dir)
     save_model(model, tokenizer, out)
     return out

@@ -3,15 +3,21 @@
 An engine generates from prompts with given sampling parameters and returns text, token ids and
 per-token log-probs; it takes new weights in memory and reports which weight version it is using,
 so every result can be tagged with the exact weights that produced it.
+
+The engines import this module (types and the stop-string helpers they share); it imports neither
+engine. ``mathpt.engines.make_engine`` picks one by name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+# A prompt is text, or token ids (the worker's vLLM may run without a tokenizer).
+Prompt = str | Sequence[int]
 
 
 @dataclass(frozen=True)
@@ -68,14 +74,26 @@ class InferenceEngine(Protocol):
     def close(self) -> None: ...
 
 
-def make_engine(name: str, model_path: str, **kwargs) -> InferenceEngine:
-    """Build an engine by name: ``vllm`` (the real one) or ``hf`` (transformers generate)."""
-    if name == "vllm":
-        from mathpt.engines.vllm_engine import VLLMEngine
+def split_stops(stop: Iterable[str], tokenizer) -> tuple[list[str], list[int]]:
+    """Split stop strings into (text stops, stop token ids): a stop equal to one special token is an id.
 
-        return VLLMEngine(model_path, **kwargs)
-    if name == "hf":
-        from mathpt.engines.hf_engine import HFEngine
+    Special tokens are dropped from decoded text, so a text match on them would never fire.
+    """
+    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    texts, ids = [], []
+    for s in stop:
+        if s in special:
+            ids.append(int(tokenizer.convert_tokens_to_ids(s)))
+        else:
+            texts.append(s)
+    return texts, ids
 
-        return HFEngine(model_path, **kwargs)
-    raise ValueError(f"unknown engine {name!r}: expected 'vllm' or 'hf'")
+
+def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
+    """Truncate ``text`` right after the earliest stop string (kept in the text)."""
+    best = None
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (best is None or i + len(s) < best):
+            best = i + len(s)
+    return (text, False) if best is None else (text[:best], True)

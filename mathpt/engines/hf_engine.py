@@ -15,9 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mathpt.engines.base import Generation, SamplingConfig
+from mathpt.engines.base import Generation, Prompt, SamplingConfig, cut_at_stop, split_stops
 
-Prompt = str | Sequence[int]
 # vLLM engine settings that mean nothing here; accepted so one runtime config serves both engines
 VLLM_ONLY_KWARGS = frozenset(
     {
@@ -32,21 +31,6 @@ VLLM_ONLY_KWARGS = frozenset(
         "enable_sleep_mode",
     }
 )
-
-
-def split_stops(stop: Iterable[str], tokenizer) -> tuple[list[str], list[int]]:
-    """Split stop strings into (text stops, stop token ids): a stop equal to one special token is an id.
-
-    Special tokens are dropped from decoded text, so a text match on them would never fire.
-    """
-    special = set(getattr(tokenizer, "all_special_tokens", []) or [])
-    texts, ids = [], []
-    for s in stop:
-        if s in special:
-            ids.append(int(tokenizer.convert_tokens_to_ids(s)))
-        else:
-            texts.append(s)
-    return texts, ids
 
 
 class _StopOnText:
@@ -77,16 +61,6 @@ class _PerRowSampler:
         picks = torch.cat([torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(self.gens)])
         out = torch.full_like(scores, -torch.inf)
         return out.scatter_(1, picks.unsqueeze(1), 0.0)
-
-
-def cut_at_stop(text: str, stops: Iterable[str]) -> tuple[str, bool]:
-    """Truncate ``text`` right after the earliest stop string (kept in the text)."""
-    best = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (best is None or i + len(s) < best):
-            best = i + len(s)
-    return (text, False) if best is None else (text[:best], True)
 
 
 class HFEngine:

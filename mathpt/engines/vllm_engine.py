@@ -17,8 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from mathpt.engines.base import Generation, SamplingConfig
-from mathpt.engines.hf_engine import Prompt, split_stops
+from mathpt.engines.base import Generation, Prompt, SamplingConfig, split_stops
 
 
 def cpu_kv_cache_bytes(gpu_memory_utilization: float | None) -> int:

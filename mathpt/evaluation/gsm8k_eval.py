@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mathpt.engines.base import SamplingConfig, make_engine
+from mathpt.engines import SamplingConfig, make_engine
 from mathpt.evaluation.parallel import check_devices, default_devices, run_on_devices
 from mathpt.io import (
     DataError,

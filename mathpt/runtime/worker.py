@@ -266,7 +266,7 @@ def worker_main(cfg: WorkerConfig, job_q, result_q, ctrl_q, ack_q, mailbox, hear
         target=_handoff_loop, args=(state, device, ctrl_q, ack_q, job_q, mailbox), daemon=True, name="handoff"
     ).start()
     try:
-        from mathpt.engines.base import make_engine
+        from mathpt.engines import make_engine
 
         engine = make_engine(cfg.engine, cfg.model_path, device=device, **cfg.engine_kwargs)
         dtype = getattr(engine, "dtype", None)

@@ -209,7 +209,6 @@ def extract_answer(text: str) -> str | None:
 
 
 REASONING_SOURCES = ("content", "reasoning_content", "both")
-REJECT_REASONS = ("truncated", "empty")
 
 
 def make_trace_row(

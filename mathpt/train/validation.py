@@ -66,7 +66,6 @@ class EvalTracker:
         self.prompts = [r["prompt"] for r in val_rows]
         self.answers = [r["answer"] for r in val_rows]
         self.pending: set = set()
-        self.stash: dict = {}  # non-eval results that arrived while polling (rollouts)
         self.failures = 0
         self.logged_versions: set[int] = set()
 
@@ -82,10 +81,12 @@ class EvalTracker:
         self.pending.add(self.client.submit("eval", self.prompts, self.params, step=step))
 
     def handle(self, results) -> None:
+        """Log finished eval jobs (``drain`` and ``finish`` pass eval results only)."""
         for r in results:
             if r.kind != "eval":
-                self.stash[r.job_id] = r
-                continue
+                raise ValueError(
+                    f"EvalTracker got a {r.kind!r} result (job {r.job_id}); it handles eval jobs only"
+                )
             self.pending.discard(r.job_id)
             if r.error:
                 self.failures += 1

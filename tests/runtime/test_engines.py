@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mathpt.engines import SamplingConfig
-from mathpt.engines.hf_engine import HFEngine, cut_at_stop, split_stops
+from mathpt.engines.base import cut_at_stop, split_stops
+from mathpt.engines.hf_engine import HFEngine
 
 PROMPTS = ["Natalia sold clips to 48 of her friends", "How many apples", "x"]
 

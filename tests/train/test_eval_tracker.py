@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from mathpt.engines.base import Generation, SamplingConfig
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime.worker import JobResult
@@ -50,6 +52,6 @@ def test_eval_logged_at_the_weights_it_ran_on_and_only_once():
     ]
     assert logger.evals[1][1]["weight_version"] == 40
     assert tracker.pending == {5} and tracker.failures == 1
-    rollout = JobResult(9, "rollout", 61, 60)
-    tracker.handle([rollout])  # a rollout that arrived while polling is kept for the trainer
-    assert tracker.stash == {9: rollout} and len(logger.evals) == 3
+    with pytest.raises(ValueError, match="'rollout' result"):  # rollouts belong to whoever waits for them
+        tracker.handle([JobResult(9, "rollout", 61, 60)])
+    assert len(logger.evals) == 3
