@@ -4,8 +4,9 @@ Both sides: the random-init Qwen2.5-Math-1.5B-shape model made by ``bench_rollou
 (same weights, same 151,936-token tokenizer), 64 GSM8K prompts x 8 samples = 512 rollouts per
 batch, up to 1,024 new tokens, temperature 1, stop at ``</answer>``, the project's r1_zero reward,
 4 optimizer steps per batch (minibatch 128, microbatch 8), lr 1e-5, clip 0.2, no KL term, vLLM
-beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.45 (``--gpu-mem``; an 80 GB
-H100 needs 0.30 and ``--microbatch-tokens 4096``).
+beside the trainer on the same GPU at ``gpu_memory_utilization`` 0.30 (``--gpu-mem``) and
+microbatches of 4,096 tokens (``--microbatch-tokens``): the one-GPU reference recipe's working point,
+which fits an 80 GB H100 (0.45 with 16,384 tokens ran out of memory there).
 
 - mathpt: ``mathpt.train.pg.train_pg`` itself (the one_gpu layout: inference worker process, CUDA
   IPC hand-off, ``staleness`` 1 = the reference config), per-step split from its metrics.jsonl.
@@ -296,10 +297,8 @@ def main() -> None:
     ap.add_argument("--minibatch", type=int, default=128)
     ap.add_argument("--microbatch", type=int, default=8)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--gpu-mem", type=float, default=0.45, help="vLLM's share of the GPU, both sides")
-    ap.add_argument(
-        "--microbatch-tokens", type=int, default=None, help="mathpt side (default: the reference config's)"
-    )
+    ap.add_argument("--gpu-mem", type=float, default=0.30, help="vLLM's share of the GPU, both sides")
+    ap.add_argument("--microbatch-tokens", type=int, default=4096, help="mathpt side (the one-GPU recipe's)")
     ap.add_argument(
         "--layout", default="one_gpu", help="mathpt side: one_gpu (the measurement) or cpu (smoke test)"
     )
