@@ -40,8 +40,8 @@ train:
   algorithms: [grpo_clip]
   pg: {n_steps: 5, eval_every: 5, checkpoint_every: 5}
 EOF
-ph reference 1200 bash -c "cd $REF && python3 -m snakemake --cores all --resources gpu=1 \
-  --configfile config/qwen2.5-math-1.5b-1gpu.yaml gpu-reference.yaml results/checkpoints/grpo_clip-seed0"
+ph reference 1200 bash -c "cd $REF && python3 -m snakemake results/checkpoints/grpo_clip-seed0 --cores all \
+  --resources gpu=1 --configfile config/qwen2.5-math-1.5b-1gpu.yaml gpu-reference.yaml"
 ph smoke 1200 python3 -m snakemake --cores all --configfile config/gpu-smoke.yaml --resources gpu=1
 ph side 900 python3 bench/trl_grpo_side_by_side.py --model $M --out "$BENCH_OUT"
 ph algos 420 python3 bench/bench_algorithms.py --device cuda
