@@ -87,10 +87,10 @@ def main() -> None:
         b = dict(batch)
         b["advantages"] = group_advantages(b["raw_rewards"], args.group, algo.advantage, 1e-6, True)
         model.load_state_dict(init)
-        opt = make_optimizer(model, {"lr": 1e-6, "betas": (0.9, 0.95)})
+        opt = make_optimizer(model, {"lr": 1e-6, "betas": (0.9, 0.95), "weight_decay": 0.0})
         kw = dict(
             loss_type=name,
-            cliprange=block.get("cliprange", 0.2),
+            cliprange=block.get("cliprange"),
             cliprange_low=block.get("cliprange_low"),
             cliprange_high=block.get("cliprange_high"),
             loss_aggregation=block.get("loss_aggregation"),

@@ -293,6 +293,57 @@ def test_bench_bootstrap():
     assert p.stdout.count("| 200 | 1,319 |") == 3
 
 
+def test_bench_algorithms_on_cpu():
+    p = bench(
+        "bench/bench_algorithms.py",
+        "--shape",
+        str(TINY),
+        "--device",
+        "cpu",
+        "--steps",
+        "1",
+        "--batch",
+        "8",
+        "--group",
+        "4",
+        "--prompt-len",
+        "16",
+        "--max-new",
+        "16",
+    )
+    from mathpt.algorithms import PG_ALGOS
+
+    for algo in PG_ALGOS:
+        assert algo in p.stdout, p.stdout[-2000:]
+
+
+def test_check_ratio_on_cpu():
+    p = bench("bench/check_ratio_gpu.py", "--shape", str(TINY), "--rows", "16", "--minibatch", "8")
+    assert "mb0/ratio_min" in p.stdout, p.stdout[-2000:]
+
+
+def test_power_design():
+    p = bench("bench/power_design.py", "--reps", "3", "--seeds", "3,5")
+    assert p.stdout.count("| 3 |") == 1 and p.stdout.count("| 5 |") == 1
+
+
+def test_summarize_real_experiment_reads_what_it_finds(tmp_path):
+    (tmp_path / "ratio.log").write_text("mb0/ratio_min 1 mb0/ratio_max 1\n")
+    runs = tmp_path / "ref" / "runs" / "grpo_clip-seed0"
+    runs.mkdir(parents=True)
+    rows = [
+        {"kind": "memory_plan", "step": 0, "planned_trainer_gib": 40.0},
+        {"kind": "train", "step": 1, "step_time_s": 30.0, "generation_s": 20.0},
+        {"kind": "memory_peaks", "step": 5, "trainer_max_allocated_gib": 38.1},
+    ]
+    (runs / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    p = bench(
+        "bench/summarize_real_experiment.py", str(tmp_path), str(tmp_path / "ref"), str(tmp_path / "smoke")
+    )
+    assert "step_time_s 30" in p.stdout and "trainer_max_allocated_gib 38.1" in p.stdout
+    assert "ci_table.csv: NO" in p.stdout
+
+
 # ---------------------------------------------------------------- the GPU drivers
 
 SH_DRIVERS = sorted(BENCH.glob("*.sh"))
