@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from mathpt import timing
 from mathpt.engines.base import Generation, SamplingConfig
 
 Prompt = str | Sequence[int]
@@ -249,6 +250,7 @@ class HFEngine:
                     prompt_token_ids=list(seqs[r]),
                 )
             )
+        timing.mark("first_output")
         return gens
 
     def _first_prefix_with_stop(self, toks: list[int], stops: list[str]) -> int:
