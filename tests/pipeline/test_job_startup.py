@@ -154,3 +154,20 @@ def test_summary_prints_the_startup_table_when_records_exist(tmp_path):
     assert lines[0].startswith("## Job start-up")
     assert "| `eval/base-gsm8k` | 20.0 | 45.5 | – | – | 60.0 |" in lines
     assert summary.startup_section(timing.read_timings(tmp_path / "absent")) == []
+
+
+def test_engine_marks_imports_ready_and_first_output_in_order(clean_env, tmp_path, tiny_model_dir):
+    """Through make_engine and generate, as the eval shards and the inference worker call them."""
+    from mathpt.engines.base import SamplingConfig, make_engine
+
+    events = tmp_path / "events.jsonl"
+    clean_env.setenv(timing.ENV, str(events))
+    timing.reset()
+    engine = make_engine("hf", str(tiny_model_dir), device="cpu")
+    assert "first_output" not in timing.read_events(events)
+    engine.generate(["1 + 1 ="], SamplingConfig(max_new_tokens=2, temperature=0.0, logprobs=False))
+    engine.generate(["2 + 2 ="], SamplingConfig(max_new_tokens=2, temperature=0.0, logprobs=False))
+    got = timing.read_events(events)
+    assert got["imports"] <= got["engine_ready"] <= got["first_output"]
+    assert len(events.read_text().splitlines()) == 3  # marked once per process, not per call
+    timing.reset()
