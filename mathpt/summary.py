@@ -298,6 +298,27 @@ def wall_section(train_s: Mapping[str, float], eval_s: Mapping[str, float]) -> l
     return lines
 
 
+def startup_section(timings: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One row per job: seconds from process start to each milestone (``mathpt.timing``)."""
+    if not timings:
+        return []
+    cols = ("imports", "engine_ready", "first_output", "first_step", "end")
+
+    def cell(rec: Mapping[str, Any], key: str) -> str:
+        v = rec.get("since_start_s", {}).get(key)
+        return f"{float(v):.1f}" if isinstance(v, int | float) else "–"
+
+    rows = [[f"`{r['job']}`", *(cell(r, c) for c in cols)] for r in timings]
+    lines = ["## Job start-up (seconds since the job's process started)", ""]
+    lines += _table(["job", "imports done", "engine ready", "first output", "first train step", "end"], rows)
+    lines += [
+        "",
+        "From `results/logs/timing/` (written by each job, not a declared output: rows appear for the jobs "
+        "that ran in this results tree). First output is the end of the first generation call.",
+    ]
+    return lines
+
+
 def metrics_span_s(path: str | os.PathLike) -> float | None:
     """Seconds between the first and last row of a run's metrics.jsonl (None if under two rows)."""
     from mathpt.tracking import read_metrics
@@ -318,6 +339,7 @@ def render_summary(
     traces: Mapping[str, Any] | None = None,
     train_s: Mapping[str, float] | None = None,
     eval_s: Mapping[str, float] | None = None,
+    timings: Sequence[Mapping[str, Any]] = (),
     figures: Sequence[str] = (),
 ) -> str:
     """The summary as markdown (pure: the same arguments give the same text)."""
@@ -336,6 +358,7 @@ def render_summary(
         regressions_section(reg_rows),
         traces_section(traces),
         wall_section(train_s or {}, eval_s or {}),
+        startup_section(timings),
     )
     for section in sections:
         if section:
@@ -359,12 +382,16 @@ def build_summary(
     config_files: Sequence[str],
     config_hash: str,
     figures: Sequence[str | os.PathLike] = (),
+    timing_dir: str | os.PathLike | None = None,
 ) -> str:
     """Read a run's outputs, render the summary and write it atomically to ``out_md``; return the text.
 
     ``eval_summaries``/``metrics`` are keyed by model name; figure paths are written relative to
-    ``out_md``'s directory, so the markdown renders from where it lies.
+    ``out_md``'s directory, so the markdown renders from where it lies. ``timing_dir`` holds the jobs'
+    start-up records (``mathpt.timing``), read if present: they are not declared outputs.
     """
+    from mathpt.timing import read_timings
+
     out_dir = Path(out_md).parent
     text = render_summary(
         experiment=experiment,
@@ -377,6 +404,7 @@ def build_summary(
         traces=read_json(traces_summary) if traces_summary else None,
         train_s={m: s for m, p in metrics.items() if (s := metrics_span_s(p)) is not None},
         eval_s={m: float(read_json(p)["elapsed_s"]) for m, p in eval_summaries.items()},
+        timings=read_timings(timing_dir) if timing_dir else (),
         figures=[os.path.relpath(f, out_dir) for f in figures],
     )
     atomic_write_text(out_md, text)

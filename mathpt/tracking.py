@@ -295,6 +295,9 @@ class RunLogger:
     # ---- public API -------------------------------------------------------------------------------
     def log(self, metrics: Mapping[str, Any], step: int) -> None:
         """Record train metrics of optimizer step ``step`` (see TRAIN_METRICS for the usual keys)."""
+        from mathpt import timing
+
+        timing.mark("first_step")
         self._wandb_log("train", step, self._write("train", step, metrics))
 
     def log_eval(self, metrics: Mapping[str, Any], step: int) -> None:

