@@ -388,8 +388,10 @@ def train_pg(
         )
         if start > 0:  # resumed: the worker loaded the init checkpoint (version 0)
             if behaviour.copy is not None and behaviour.copy_version == start - 1:
-                # as in the uninterrupted run, batch `start` comes from v(start - 1), queued before v(start)
-                client.push_weights(behaviour.copy, version=start - 1)
+                # as in the uninterrupted run, batch `start` comes from v(start - 1), queued before v(start);
+                # v0 is the init checkpoint the worker already holds
+                if start - 1 > 0:
+                    client.push_weights(behaviour.copy, version=start - 1)
                 rollouts.submit(start)
             client.push_weights(model, version=start)
         else:

@@ -158,7 +158,8 @@ def test_summary_prints_the_startup_table_when_records_exist(tmp_path):
 
 def test_engine_marks_imports_ready_and_first_output_in_order(clean_env, tmp_path, tiny_model_dir):
     """Through make_engine and generate, as the eval shards and the inference worker call them."""
-    from mathpt.engines.base import SamplingConfig, make_engine
+    from mathpt.engines import make_engine
+    from mathpt.engines.base import SamplingConfig
 
     events = tmp_path / "events.jsonl"
     clean_env.setenv(timing.ENV, str(events))

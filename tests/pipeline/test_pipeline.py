@@ -90,7 +90,7 @@ def test_pipeline_produces_ci_table(finished_run):
         assert int(r["n"]) == 24
         lo, hi, diff = float(r["ci_low"]), float(r["ci_high"]), float(r["diff"])
         assert lo <= diff <= hi
-        assert r["benchmark"] == "arith" and r["k_shot"] == "1"
+        assert r["benchmark"] == "arith" and r["k_shot"] == "0"  # primary eval: the trained prompt, 0-shot
     for model in ("base", "sft-seed0", "grpo_clip-seed0"):
         rows = [json.loads(x) for x in open(finished_run / "results" / "eval" / model / "gsm8k.jsonl")]
         assert [r["index"] for r in rows] == list(range(24))

@@ -156,14 +156,15 @@ def test_ci_table_end_to_end(tmp_path, evals):
 
 def test_primary_family_follows_the_algorithm_registry(monkeypatch):
     """A PG variant added to mathpt.algorithms is primary against SFT with no list to edit here."""
-    monkeypatch.setattr(ci_table, "PG_ALGOS", (*ci_table.PG_ALGOS, "dr_grpo"))
-    models = ["base", "sft", "grpo_clip", "reinforce_with_baseline", "dr_grpo"]
-    assert ("dr_grpo", "sft") in ci_table.primary_comparisons(models)
-    assert ci_table.family_of("dr_grpo", "sft") == "primary"
-    assert ci_table.family_of("dr_grpo", "grpo_clip") == "exploratory"
+    monkeypatch.setattr(ci_table, "PG_ALGOS", (*ci_table.PG_ALGOS, "new_algo"))
+    models = ["base", "sft", "grpo_clip", "reinforce_with_baseline", "new_algo"]
+    primary = ci_table.primary_comparisons(models)
+    assert ("new_algo", "sft") in primary and len(primary) == 4
+    assert ci_table.family_of("new_algo", "sft") == "primary"
+    assert ci_table.family_of("new_algo", "grpo_clip") == "exploratory"
     assert ci_table.family_of("sft", "base") == "exploratory"
     comps = ci_table.declared_comparisons(models)
-    assert comps[:4] == ci_table.primary_comparisons(models) and len(set(comps)) == len(comps)
+    assert comps[:4] == primary and len(set(comps)) == len(comps)
     assert ("reinforce_with_baseline", "grpo_clip") not in comps  # the primary pair is not repeated reversed
 
 
@@ -350,7 +351,12 @@ def test_naming_helpers():
         ("grpo_clip", "base"),
         ("grpo_clip", "no_baseline"),
     ]
-    assert len(ci_table.declared_comparisons(["base", *ci_table.ALGOS])) == 10
+    four = ["base", "sft", "no_baseline", "reinforce_with_baseline", "grpo_clip"]
+    assert len(ci_table.declared_comparisons(four)) == 10  # 4 primary, 4 vs base, 2 other PG pairs
+    # primary: each PG vs SFT + 1; each trained vs base; PG pairs minus the primary one
+    n_pg = len(ci_table.PG_ALGOS)
+    expected = (n_pg + 1) + len(ci_table.ALGOS) + n_pg * (n_pg - 1) // 2 - 1
+    assert len(ci_table.declared_comparisons(["base", *ci_table.ALGOS])) == expected
 
 
 def test_accuracy_table_kshot_column(tmp_path, evals):
