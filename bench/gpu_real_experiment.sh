@@ -28,7 +28,7 @@ ph() {
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 ph ratio 240 python3 bench/check_ratio_gpu.py
-ph smoke 660 python3 -m snakemake --cores all --configfile config/gpu-smoke.yaml --resources gpu=1
+ph smoke 1200 python3 -m snakemake --cores all --configfile config/gpu-smoke.yaml --resources gpu=1
 ph prepare 180 python3 bench/bench_rollout.py prepare --model-dir .benchsnap/model1p5b --out $M
 REF=/tmp/ref
 rm -rf $REF && mkdir -p $REF && cp -r Snakefile rules scripts config report profiles envs $REF/

@@ -33,12 +33,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--shape", default=str(SHAPE), help="model shape file (Qwen2Config keys)")
-    gsm8k = os.environ.get("MATHPT_GSM8K_DIR", "../shared/data/gsm8k")
-    ap.add_argument("--gsm8k", default=str(Path(gsm8k) / "train.jsonl"), help="GSM8K-format train.jsonl")
+    gsm8k = os.environ.get("MATHPT_GSM8K_DIR")
+    ap.add_argument(
+        "--gsm8k",
+        default=str(Path(gsm8k) / "train.jsonl") if gsm8k else None,
+        help="GSM8K-format train.jsonl (default: $MATHPT_GSM8K_DIR/train.jsonl, else the project's arith problems)",
+    )
     a = ap.parse_args()
 
     shape = load_shape(a.shape)
-    rows = [json.loads(line) for line in Path(a.gsm8k).read_text().splitlines() if line.strip()]
+    if a.gsm8k:
+        rows = [json.loads(line) for line in Path(a.gsm8k).read_text().splitlines() if line.strip()]
+    else:  # no GSM8K copy: the tokenizer learns from the project's generated word problems
+        from mathpt.arith import generate_arith
+
+        rows = generate_arith(2000, 200, seed=0)["train"]
     texts = [r["question"] + "\n" + r["answer"] for r in rows]
     vocab = shape["vocab_size"]
     tok = train_tokenizer(texts, min(BPE_SIZE, vocab), pad_to=vocab)
