@@ -16,7 +16,7 @@ cd /tmp/proj
 export BENCH_OUT=${BENCH_OUT:-/tmp/bench_out}
 export VLLM_CACHE_ROOT=/tmp/vllm_cache   # one compile cache for every phase
 mkdir -p "$BENCH_OUT"
-PHASES=${PHASES:-ratio smoke prepare reference side algos}
+PHASES=${PHASES:-ratio prepare reference smoke side algos}
 M=/tmp/bm
 ph() {
   local name=$1 lim=$2; shift 2
@@ -28,7 +28,6 @@ ph() {
 }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 ph ratio 240 python3 bench/check_ratio_gpu.py
-ph smoke 1200 python3 -m snakemake --cores all --configfile config/gpu-smoke.yaml --resources gpu=1
 ph prepare 180 python3 bench/bench_rollout.py prepare --model-dir .benchsnap/model1p5b --out $M
 REF=/tmp/ref
 rm -rf $REF && mkdir -p $REF && cp -r Snakefile rules scripts config report profiles envs $REF/
@@ -41,8 +40,9 @@ train:
   algorithms: [grpo_clip]
   pg: {n_steps: 5, eval_every: 5, checkpoint_every: 5}
 EOF
-ph reference 720 bash -c "cd $REF && python3 -m snakemake results/checkpoints/grpo_clip-seed0 --cores all \
+ph reference 840 bash -c "cd $REF && python3 -m snakemake results/checkpoints/grpo_clip-seed0 --cores all \
   --resources gpu=1 --configfile config/qwen2.5-math-1.5b-1gpu.yaml gpu-reference.yaml"
+ph smoke 1200 python3 -m snakemake --cores all --configfile config/gpu-smoke.yaml --resources gpu=1
 ph side 600 python3 bench/trl_grpo_side_by_side.py --model $M --out "$BENCH_OUT"
 ph algos 420 python3 bench/bench_algorithms.py --device cuda
 python3 bench/summarize_real_experiment.py "$BENCH_OUT" $REF/results results /tmp/gpumem.csv

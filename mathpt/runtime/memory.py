@@ -453,15 +453,21 @@ def trainer_peaks() -> dict[str, float]:
     }
 
 
+def peaks_so_far(client) -> dict[str, float]:
+    """Trainer and worker peaks up to now (GiB), logged with every PG step so that a run killed before
+    its end still shows them; {} on cpu."""
+    return {
+        **trainer_peaks(),
+        **{f"worker_{k}": v for k, v in (getattr(client, "worker_memory", None) or {}).items()},
+    }
+
+
 def log_peaks(logger, p: MemoryPlan | None, client, step: int) -> dict[str, float]:
     """The measured peaks beside the plan: a ``memory_peaks`` row (trainer: torch's peaks; worker:
     what it reported with its last job), also logged as a line. Nothing on cpu."""
     if p is None:
         return {}
-    row = {
-        **trainer_peaks(),
-        **{f"worker_{k}": v for k, v in (getattr(client, "worker_memory", None) or {}).items()},
-    }
+    row = peaks_so_far(client)
     row["planned_trainer_gib"] = p.trainer_bytes / GIB
     row["planned_worker_gib"] = p.worker_bytes / GIB
     logger.record("memory_peaks", row, step=step)

@@ -50,7 +50,7 @@ from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient, RolloutPipeline
-from mathpt.runtime.memory import log_peaks, log_plan, resolve_memory
+from mathpt.runtime.memory import log_peaks, log_plan, peaks_so_far, resolve_memory
 from mathpt.tracking import RunLogger
 from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
 from mathpt.train.compile import compile_if_cuda
@@ -490,6 +490,8 @@ def train_pg(
             metrics.update(
                 {f"reward_meta/{k}": v for k, v in reward_meta.items() if isinstance(v, (int, float))}
             )
+            if memory is not None:
+                metrics.update(peaks_so_far(client))
             logger.log(metrics, step=done)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
             if done % pg["eval_every"] == 0 or done == pg["n_steps"]:
