@@ -34,7 +34,11 @@ def memory_rows(metrics: list[dict]) -> list[str]:
 def pg_steps(metrics: list[dict]) -> list[str]:
     keys = ("step_time_s", "generation_s", "train_time_s", "real_tokens_per_s", "response_length_mean")
     rows = [r for r in metrics if r.get("kind") == "train" and "step_time_s" in r]
-    return [f"  step {r['step']}: " + ", ".join(f"{k} {r[k]:.4g}" for k in keys if k in r) for r in rows]
+    out = []
+    for r in rows:
+        peaks = [k for k, v in r.items() if k.endswith("_gib") and isinstance(v, (int, float))]
+        out.append(f"  step {r['step']}: " + ", ".join(f"{k} {r[k]:.4g}" for k in (*keys, *peaks) if k in r))
+    return out
 
 
 def main(bench_out: str, ref: str, smoke: str, gpumem: str | None = None) -> None:
