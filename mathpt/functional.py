@@ -6,6 +6,9 @@ this module; the update loops that call these functions are in ``mathpt.train.st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from mathpt import algorithms
@@ -424,47 +427,62 @@ def policy_drift_sums(
     }
 
 
-def _needs(loss_type: str, **inputs) -> None:
-    missing = [k for k, v in inputs.items() if v is None]
-    if missing:
-        raise ValueError(f"loss_type {loss_type!r} needs {', '.join(missing)}")
-
-
-def _loss_reinforce_raw(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, raw_rewards=raw_rewards)
+def _loss_reinforce_raw(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_naive_policy_gradient_loss(raw_rewards, p), {}
 
 
-def _loss_reinforce(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages)
+def _loss_reinforce(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_naive_policy_gradient_loss(advantages, p), {}
 
 
-def _loss_clip(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange)
+def _loss_clip(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_grpo_clip_loss(advantages, p, old, cliprange, cliprange_high)
 
 
-def _loss_gspo(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange, response_mask=mask)
+def _loss_gspo(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_gspo_loss(advantages, p, old, mask, cliprange, cliprange_high)
 
 
-def _loss_cispo(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange)
+def _loss_cispo(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_cispo_loss(
         advantages, p, old, cliprange, cliprange if cliprange_high is None else cliprange_high
     )
 
 
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A per-token policy-gradient loss: ``fn(policy_log_probs, raw_rewards, advantages,
+    old_log_probs, cliprange, cliprange_high, response_mask) -> (loss (B, T), metadata)`` and the
+    inputs it cannot do without (checked before the call)."""
+
+    fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    needs: tuple[str, ...]
+
+    @property
+    def clips(self) -> bool:
+        """Whether the loss has a clip range (``cliprange``)."""
+        return "cliprange" in self.needs
+
+
 # The per-token losses the registry's entries name (``Algorithm.loss``).
-POLICY_LOSSES = {
-    "reinforce_raw": _loss_reinforce_raw,  # -r log p (no baseline)
-    "reinforce": _loss_reinforce,  # -A log p
-    "clip": _loss_clip,  # PPO/GRPO clipped surrogate, optionally decoupled bounds
-    "gspo": _loss_gspo,  # sequence-level clipped surrogate
-    "cispo": _loss_cispo,  # clipped detached IS weight x REINFORCE
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "reinforce_raw": PolicyLoss(_loss_reinforce_raw, ("raw_rewards",)),  # -r log p (no baseline)
+    "reinforce": PolicyLoss(_loss_reinforce, ("advantages",)),  # -A log p
+    # PPO/GRPO clipped surrogate, optionally decoupled bounds
+    "clip": PolicyLoss(_loss_clip, ("advantages", "old_log_probs", "cliprange")),
+    # sequence-level clipped surrogate
+    "gspo": PolicyLoss(_loss_gspo, ("advantages", "old_log_probs", "cliprange", "response_mask")),
+    # clipped detached IS weight x REINFORCE
+    "cispo": PolicyLoss(_loss_cispo, ("advantages", "old_log_probs", "cliprange")),
 }
+
+
+def policy_loss(loss_type: str) -> PolicyLoss:
+    """The per-token loss of algorithm ``loss_type``, as its registry entry names it."""
+    algo = algorithms.ALGORITHMS.get(loss_type)
+    if algo is None or not algo.policy_gradient:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    return POLICY_LOSSES[algo.loss]
 
 
 def compute_policy_gradient_loss(
@@ -480,12 +498,19 @@ def compute_policy_gradient_loss(
     """The per-token loss of algorithm ``loss_type`` (its registry entry names it); rewards and
     advantages are (B, 1). ``cliprange`` is the lower clip epsilon and, unless ``cliprange_high``
     is given, the upper one; ``response_mask`` is needed by sequence-level losses (GSPO)."""
-    algo = algorithms.ALGORITHMS.get(loss_type)
-    if algo is None or not algo.policy_gradient:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    return POLICY_LOSSES[algo.loss](
+    loss = policy_loss(loss_type)
+    inputs = {
+        "raw_rewards": raw_rewards,
+        "advantages": advantages,
+        "old_log_probs": old_log_probs,
+        "cliprange": cliprange,
+        "response_mask": response_mask,
+    }
+    missing = [k for k in loss.needs if inputs[k] is None]
+    if missing:
+        raise ValueError(f"loss_type {loss_type!r} needs {', '.join(missing)}")
+    return loss.fn(
         policy_log_probs,
-        loss_type,
         raw_rewards,
         advantages,
         old_log_probs,

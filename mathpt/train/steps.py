@@ -23,13 +23,13 @@ import torch
 from mathpt import algorithms
 from mathpt.functional import (
     LOSS_AGGREGATIONS,
-    LOSS_TYPES,
     OFF_POLICY_CORRECTIONS,
     compute_tis_weights,
     get_response_log_probs,
     grpo_microbatch_train_step,
     masked_normalize,
     policy_drift_sums,
+    policy_loss,
 )
 from mathpt.train.packing import packed_response_log_probs
 
@@ -403,8 +403,7 @@ def pg_update(
     first optimizer step's own forward, detached, is pi_old for its rows (ratio exactly 1 in any
     dtype); the other rows are scored before the first step with the cuts of their own updates.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    clips = policy_loss(loss_type).clips  # a ValueError for an unknown loss_type
     required = algorithms.ALGORITHMS[loss_type].loss_aggregation
     if loss_aggregation is None:
         loss_aggregation = required or "seq_mean"
@@ -419,8 +418,8 @@ def pg_update(
             f"unknown off_policy_correction {off_policy_correction!r}; "
             f"expected one of {OFF_POLICY_CORRECTIONS}"
         )
-    if loss_type == "grpo_clip" and cliprange is None:
-        raise ValueError("loss_type 'grpo_clip' needs cliprange (train.grpo_clip.cliprange)")
+    if clips and cliprange is None and cliprange_low is None:
+        raise ValueError(f"loss_type {loss_type!r} needs cliprange (train.{loss_type}.cliprange)")
     # the drift metrics' clip_fraction counts the tokens the clip cuts: none without a clip
     clip_eps = math.inf if cliprange is None else cliprange
     device = _device(model)
