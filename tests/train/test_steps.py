@@ -169,7 +169,7 @@ def test_sft_update_equals_full_batch_gradient(model64):
 def test_bf16_model_with_master_weights_trains_under_autocast():
     model = tiny_qwen(torch.bfloat16, seed=1)
     batch = rollout(6)
-    opt = MasterWeightAdamW(model.parameters(), lr=1e-3)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     before = [p.detach().clone() for p in model.parameters()]
     metrics = pg_update(
         model,
@@ -360,7 +360,7 @@ def _many_rows(rows: int, seed: int) -> dict[str, torch.Tensor]:
 
 def _step_gradient(model, update) -> list[torch.Tensor]:
     """The fp32 gradient MasterWeightAdamW would step on, taken through ``update(model, opt)``."""
-    opt = MasterWeightAdamW(model.parameters(), lr=1e-3)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     seen: list[torch.Tensor] = []
 
     def record(closure=None):
