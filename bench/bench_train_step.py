@@ -33,13 +33,9 @@ import torch
 
 from mathpt.functional import get_response_log_probs, sft_microbatch_train_step
 from mathpt.optim import MasterWeightAdamW
+from mathpt.train.batching import response_lengths, token_budget_microbatches
 from mathpt.train.compile import compile_layers, decoder_layers
-from mathpt.train.steps import (
-    pg_update,
-    response_lengths,
-    sft_update,
-    token_budget_microbatches,
-)
+from mathpt.train.steps import pg_update, sft_update
 
 GiB = 1024**3
 T0 = time.time()

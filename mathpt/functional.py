@@ -172,18 +172,30 @@ def masked_normalize(
 # --------------------------------------------------------------------------------------------------
 
 
+def sft_loss(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    normalize_constant: float = 1.0,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """The SFT loss: the negative log-likelihood of the response tokens, summed (over everything,
+    or along ``dim``) and divided by ``normalize_constant``. ``sft_update`` divides by the response
+    tokens of the whole optimizer step (the mean NLL per token, whatever the microbatch cut)."""
+    return masked_normalize(-policy_log_probs, response_mask, normalize_constant, dim=dim)
+
+
 def sft_microbatch_train_step(
     policy_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
     gradient_accumulation_steps: float,
     normalize_constant: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Negative log-likelihood of the response tokens, backpropagated for one microbatch.
+    """CS336's SFT microbatch step: ``sft_loss`` per sequence, batch mean, backpropagated.
 
-    loss = mean over the batch of -(masked sum over the sequence / normalize_constant), divided by
-    ``gradient_accumulation_steps`` so that summing microbatch gradients gives the batch gradient.
+    loss = mean over the batch of (masked NLL sum over the sequence / normalize_constant), divided
+    by ``gradient_accumulation_steps`` so that summing microbatch gradients gives the batch gradient.
     """
-    nll = -masked_normalize(policy_log_probs, response_mask, normalize_constant, dim=-1)
+    nll = sft_loss(policy_log_probs, response_mask, normalize_constant, dim=-1)
     loss = nll.mean() / gradient_accumulation_steps
     loss.backward()
     with torch.no_grad():
@@ -562,9 +574,10 @@ def grpo_microbatch_train_step(
 
     Default aggregation is CS336's (per-sequence masked mean, then batch mean); see
     ``aggregate_loss`` for the others. ``token_weights`` (B, T), e.g. ``compute_tis_weights``,
-    multiply the per-token loss as constants before aggregation. metadata holds detached scalars
-    for logging: for grpo_clip ``clip_fraction`` (over response tokens) and ratio mean/min/max,
-    plus the per-token tensors.
+    multiply the per-token loss as constants before aggregation. metadata: ``response_tokens``;
+    for the losses with a ratio, the per-token ``ratio`` and ``clipped`` (detached) and
+    ``clip_fraction`` (over response tokens). How far pi_theta is from pi_old (ratio statistics,
+    KL) is ``policy_drift_sums``'s, the one place the logged drift metrics come from.
     """
     per_token, meta = compute_policy_gradient_loss(
         policy_log_probs,
@@ -586,12 +599,5 @@ def grpo_microbatch_train_step(
         mask = response_mask.bool()
         out["response_tokens"] = mask.sum()
         if "ratio" in meta:
-            ratio = meta["ratio"]
-            big = torch.finfo(ratio.dtype).max
             out["clip_fraction"] = masked_mean(meta["clipped"].float(), mask)
-            out["ratio_mean"] = masked_mean(ratio, mask)
-            out["ratio_max"] = torch.where(mask, ratio, -big).max() if mask.any() else ratio.new_tensor(1.0)
-            out["ratio_min"] = torch.where(mask, ratio, big).min() if mask.any() else ratio.new_tensor(1.0)
-            # k1 estimator of KL(old || new) over response tokens
-            out["approx_kl"] = masked_mean((old_log_probs - policy_log_probs.detach()).float(), mask)
     return loss.detach(), out

@@ -188,7 +188,7 @@ def test_bf16_model_with_master_weights_trains_under_autocast():
 
 
 def test_token_budget_microbatches_cover_rows_and_respect_budget():
-    from mathpt.train.steps import token_budget_microbatches
+    from mathpt.train.batching import token_budget_microbatches
 
     gen = torch.Generator().manual_seed(7)
     lengths = torch.randint(1, 50, (37,), generator=gen)
