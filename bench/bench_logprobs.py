@@ -18,8 +18,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 MiB = 1024**2
+SHAPE = Path(__file__).with_name("qwen2.5-math-1.5b-shape.yaml")  # its vocabulary is the large case
 
 
 def rss_now() -> int:
@@ -55,7 +57,9 @@ def child(method: str, vocab: int, seq: int, hidden: int, chunk: int | None) -> 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=5, metavar=("METHOD", "VOCAB", "SEQ", "HIDDEN", "CHUNK"))
-    ap.add_argument("--vocabs", default="32000,151936")
+    from mathpt.models import load_shape
+
+    ap.add_argument("--vocabs", default=f"32000,{load_shape(SHAPE)['vocab_size']}")
     ap.add_argument("--seqs", default="512,1024,2048")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--chunks", default="64,512", help="chunk sizes (tokens) for the chunked method")

@@ -33,13 +33,9 @@ import torch
 
 from mathpt.functional import get_response_log_probs, sft_microbatch_train_step
 from mathpt.optim import MasterWeightAdamW
+from mathpt.train.batching import response_lengths, token_budget_microbatches
 from mathpt.train.compile import compile_layers, decoder_layers
-from mathpt.train.steps import (
-    pg_update,
-    response_lengths,
-    sft_update,
-    token_budget_microbatches,
-)
+from mathpt.train.steps import pg_update, sft_update
 
 GiB = 1024**3
 T0 = time.time()
@@ -236,7 +232,7 @@ def kernel_check(device) -> dict:
     for flag in ("1", "0"):
         os.environ["MATHPT_MASTER_KERNEL"] = flag
         ps = [torch.nn.Parameter(w.clone()) for w in w0]
-        opt = MasterWeightAdamW(ps, lr=1e-4, weight_decay=0.1)
+        opt = MasterWeightAdamW(ps, lr=1e-4, weight_decay=0.1, betas=(0.9, 0.999))
         for gs in grads:
             for p, g in zip(ps, gs, strict=True):
                 p.grad = g.clone()
@@ -576,7 +572,7 @@ def main() -> None:
         results["kernel_check"] = kernel_check(device)
         log(f"master-weight kernel check {results['kernel_check']}")
         os.environ["MATHPT_MASTER_KERNEL"] = "0"
-        opt = MasterWeightAdamW(model.parameters(), lr=1e-6)
+        opt = MasterWeightAdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
         results.setdefault("optimizer_only_s", {})["master_torch_fused_adamw_plus_clip"] = optimizer_only(
             model, opt, device, clip=True
         )
@@ -584,7 +580,7 @@ def main() -> None:
         gc.collect()
         torch.cuda.empty_cache()
         os.environ["MATHPT_MASTER_KERNEL"] = "1"
-    opt = MasterWeightAdamW(model.parameters(), lr=1e-6)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.999), weight_decay=0.01)
     results["master_kernel"] = opt.use_kernel
     results.setdefault("optimizer_only_s", {})["master_ours_plus_clip"] = optimizer_only(
         model, opt, device, clip=True

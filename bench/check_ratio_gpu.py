@@ -57,12 +57,10 @@ def rollout(rows: int, max_len: int, vocab: int, group: int, seed: int) -> dict[
 
 
 def model_dir(shape_file: str, out: Path) -> Path:
-    """A random-init Qwen2 of ``shape_file``'s shape saved in HF format (as the bench builds it)."""
-    import yaml
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    """A random-init Qwen2 of ``shape_file``'s shape saved in HF format (the library's builders)."""
+    from mathpt.models import init_model, load_shape, qwen2_config
 
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(**yaml.safe_load(Path(shape_file).read_text()))).save_pretrained(out)
+    init_model(qwen2_config(load_shape(shape_file)), seed=0).save_pretrained(out)
     return out
 
 

@@ -5,22 +5,48 @@ estimator, tables, curves, the Snakemake wildcard regexes) takes the algorithms 
 one is an entry in ``ALGORITHMS``, its loss in ``mathpt.functional.POLICY_LOSSES`` (and its advantage
 estimator in ``ADVANTAGE_ESTIMATORS`` if new), its defaults in config/schema.yaml (``train.<name>``)
 and a float64 test. The schema's enum is checked against this list by a test. No torch here: the
-Snakefile imports this module.
+Snakefile imports this module, so a trainer names its loop by import path (loaded on ``run``).
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 
-TRAINERS = ("sft", "pg")  # train_sft (from traces) or train_pg (from rollouts)
+
+@dataclass(frozen=True)
+class Trainer:
+    """A training loop: ``entry`` ("module:function") called as
+    ``fn(cfg, init_dir=, val_prompts_path=, <inputs>, out_dir=, run_dir=, state_dir=, ...)``."""
+
+    name: str  # also its config block (train.<name>) and its key in the train rule's slice
+    entry: str  # "module:function", imported on first use (torch stays out of the Snakefile)
+    inputs: tuple[tuple[str, str], ...]  # (loop argument, train rule input) besides init and val prompts
+
+    def load(self):
+        module, fn = self.entry.split(":")
+        return getattr(importlib.import_module(module), fn)
+
+    def run(self, cfg: dict, rule_inputs, **kwargs):
+        """Call the loop; ``rule_inputs`` maps the rule's input names (``init``, ``val_prompts``
+        and this trainer's ``inputs``) to paths."""
+        own = {arg: rule_inputs[name] for arg, name in self.inputs}
+        return self.load()(
+            cfg, init_dir=rule_inputs["init"], val_prompts_path=rule_inputs["val_prompts"], **own, **kwargs
+        )
+
+
+SFT_TRAINER = Trainer("sft", "mathpt.train.sft:train_sft", (("shards_dir", "shards"),))  # from traces
+PG_TRAINER = Trainer("pg", "mathpt.train.pg:train_pg", (("train_prompts_path", "train_prompts"),))
+TRAINERS: dict[str, Trainer] = {t.name: t for t in (SFT_TRAINER, PG_TRAINER)}
 
 
 @dataclass(frozen=True)
 class Algorithm:
     name: str
     label: str  # for plots and reports
-    trainer: str  # one of TRAINERS
+    trainer: Trainer  # the loop that trains it
     # policy gradient only:
     loss: str | None = None  # key of mathpt.functional.POLICY_LOSSES
     advantage: str | None = None  # key of mathpt.functional.ADVANTAGE_ESTIMATORS
@@ -31,17 +57,17 @@ class Algorithm:
     @property
     def policy_gradient(self) -> bool:
         """Trained from rollouts (train_pg) rather than from traces (train_sft)."""
-        return self.trainer == "pg"
+        return self.trainer is PG_TRAINER
 
 
 def _pg(name: str, label: str, loss: str, advantage: str, **kw) -> Algorithm:
-    return Algorithm(name, label, "pg", loss=loss, advantage=advantage, **kw)
+    return Algorithm(name, label, PG_TRAINER, loss=loss, advantage=advantage, **kw)
 
 
 ALGORITHMS: dict[str, Algorithm] = {
     a.name: a
     for a in (
-        Algorithm("sft", "SFT", "sft"),
+        Algorithm("sft", "SFT", SFT_TRAINER),
         # the four of the original study (CS336 assignment 5)
         _pg("no_baseline", "REINFORCE (no baseline)", "reinforce_raw", "group"),
         _pg("reinforce_with_baseline", "REINFORCE + baseline", "reinforce", "group"),
@@ -102,8 +128,8 @@ def get(name: str) -> Algorithm:
         raise ValueError(f"unknown algorithm {name!r}; expected one of {ALGOS}") from None
 
 
-def trainer(name: str) -> str:
-    """Which loop trains ``name``: "sft" (train_sft) or "pg" (train_pg)."""
+def trainer(name: str) -> Trainer:
+    """The loop that trains ``name`` (``SFT_TRAINER`` or ``PG_TRAINER``)."""
     return get(name).trainer
 
 

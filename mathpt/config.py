@@ -229,9 +229,10 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
             "experiment": c["experiment"],
             "wandb": c["wandb"],
         }
-        if algorithms.trainer(algo) == "sft":
-            return {**common, "sft": c["train"]["sft"]}
-        return {**common, "pg": pg_config(c, algo), "pg_init": c["train"]["pg_init"]}
+        trainer = algorithms.trainer(algo)
+        if not algorithms.get(algo).policy_gradient:
+            return {**common, trainer.name: c["train"][trainer.name]}
+        return {**common, trainer.name: pg_config(c, algo), "pg_init": c["train"]["pg_init"]}
     if rule == "eval_gsm8k":
         c["eval"]["gsm8k"]["num_shards"] = eval_shards(c)
         return {"gsm8k": c["eval"]["gsm8k"], "prompt_style": style, "runtime": _engine_slice(c)}

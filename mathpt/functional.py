@@ -6,6 +6,9 @@ this module; the update loops that call these functions are in ``mathpt.train.st
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 from mathpt import algorithms
@@ -169,18 +172,30 @@ def masked_normalize(
 # --------------------------------------------------------------------------------------------------
 
 
+def sft_loss(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    normalize_constant: float = 1.0,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """The SFT loss: the negative log-likelihood of the response tokens, summed (over everything,
+    or along ``dim``) and divided by ``normalize_constant``. ``sft_update`` divides by the response
+    tokens of the whole optimizer step (the mean NLL per token, whatever the microbatch cut)."""
+    return masked_normalize(-policy_log_probs, response_mask, normalize_constant, dim=dim)
+
+
 def sft_microbatch_train_step(
     policy_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
     gradient_accumulation_steps: float,
     normalize_constant: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Negative log-likelihood of the response tokens, backpropagated for one microbatch.
+    """CS336's SFT microbatch step: ``sft_loss`` per sequence, batch mean, backpropagated.
 
-    loss = mean over the batch of -(masked sum over the sequence / normalize_constant), divided by
-    ``gradient_accumulation_steps`` so that summing microbatch gradients gives the batch gradient.
+    loss = mean over the batch of (masked NLL sum over the sequence / normalize_constant), divided
+    by ``gradient_accumulation_steps`` so that summing microbatch gradients gives the batch gradient.
     """
-    nll = -masked_normalize(policy_log_probs, response_mask, normalize_constant, dim=-1)
+    nll = sft_loss(policy_log_probs, response_mask, normalize_constant, dim=-1)
     loss = nll.mean() / gradient_accumulation_steps
     loss.backward()
     with torch.no_grad():
@@ -424,47 +439,62 @@ def policy_drift_sums(
     }
 
 
-def _needs(loss_type: str, **inputs) -> None:
-    missing = [k for k, v in inputs.items() if v is None]
-    if missing:
-        raise ValueError(f"loss_type {loss_type!r} needs {', '.join(missing)}")
-
-
-def _loss_reinforce_raw(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, raw_rewards=raw_rewards)
+def _loss_reinforce_raw(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_naive_policy_gradient_loss(raw_rewards, p), {}
 
 
-def _loss_reinforce(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages)
+def _loss_reinforce(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_naive_policy_gradient_loss(advantages, p), {}
 
 
-def _loss_clip(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange)
+def _loss_clip(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_grpo_clip_loss(advantages, p, old, cliprange, cliprange_high)
 
 
-def _loss_gspo(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange, response_mask=mask)
+def _loss_gspo(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_gspo_loss(advantages, p, old, mask, cliprange, cliprange_high)
 
 
-def _loss_cispo(p, loss_type, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
-    _needs(loss_type, advantages=advantages, old_log_probs=old, cliprange=cliprange)
+def _loss_cispo(p, raw_rewards, advantages, old, cliprange, cliprange_high, mask):
     return compute_cispo_loss(
         advantages, p, old, cliprange, cliprange if cliprange_high is None else cliprange_high
     )
 
 
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A per-token policy-gradient loss: ``fn(policy_log_probs, raw_rewards, advantages,
+    old_log_probs, cliprange, cliprange_high, response_mask) -> (loss (B, T), metadata)`` and the
+    inputs it cannot do without (checked before the call)."""
+
+    fn: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    needs: tuple[str, ...]
+
+    @property
+    def clips(self) -> bool:
+        """Whether the loss has a clip range (``cliprange``)."""
+        return "cliprange" in self.needs
+
+
 # The per-token losses the registry's entries name (``Algorithm.loss``).
-POLICY_LOSSES = {
-    "reinforce_raw": _loss_reinforce_raw,  # -r log p (no baseline)
-    "reinforce": _loss_reinforce,  # -A log p
-    "clip": _loss_clip,  # PPO/GRPO clipped surrogate, optionally decoupled bounds
-    "gspo": _loss_gspo,  # sequence-level clipped surrogate
-    "cispo": _loss_cispo,  # clipped detached IS weight x REINFORCE
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "reinforce_raw": PolicyLoss(_loss_reinforce_raw, ("raw_rewards",)),  # -r log p (no baseline)
+    "reinforce": PolicyLoss(_loss_reinforce, ("advantages",)),  # -A log p
+    # PPO/GRPO clipped surrogate, optionally decoupled bounds
+    "clip": PolicyLoss(_loss_clip, ("advantages", "old_log_probs", "cliprange")),
+    # sequence-level clipped surrogate
+    "gspo": PolicyLoss(_loss_gspo, ("advantages", "old_log_probs", "cliprange", "response_mask")),
+    # clipped detached IS weight x REINFORCE
+    "cispo": PolicyLoss(_loss_cispo, ("advantages", "old_log_probs", "cliprange")),
 }
+
+
+def policy_loss(loss_type: str) -> PolicyLoss:
+    """The per-token loss of algorithm ``loss_type``, as its registry entry names it."""
+    algo = algorithms.ALGORITHMS.get(loss_type)
+    if algo is None or not algo.policy_gradient:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    return POLICY_LOSSES[algo.loss]
 
 
 def compute_policy_gradient_loss(
@@ -480,12 +510,19 @@ def compute_policy_gradient_loss(
     """The per-token loss of algorithm ``loss_type`` (its registry entry names it); rewards and
     advantages are (B, 1). ``cliprange`` is the lower clip epsilon and, unless ``cliprange_high``
     is given, the upper one; ``response_mask`` is needed by sequence-level losses (GSPO)."""
-    algo = algorithms.ALGORITHMS.get(loss_type)
-    if algo is None or not algo.policy_gradient:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    return POLICY_LOSSES[algo.loss](
+    loss = policy_loss(loss_type)
+    inputs = {
+        "raw_rewards": raw_rewards,
+        "advantages": advantages,
+        "old_log_probs": old_log_probs,
+        "cliprange": cliprange,
+        "response_mask": response_mask,
+    }
+    missing = [k for k in loss.needs if inputs[k] is None]
+    if missing:
+        raise ValueError(f"loss_type {loss_type!r} needs {', '.join(missing)}")
+    return loss.fn(
         policy_log_probs,
-        loss_type,
         raw_rewards,
         advantages,
         old_log_probs,
@@ -537,9 +574,10 @@ def grpo_microbatch_train_step(
 
     Default aggregation is CS336's (per-sequence masked mean, then batch mean); see
     ``aggregate_loss`` for the others. ``token_weights`` (B, T), e.g. ``compute_tis_weights``,
-    multiply the per-token loss as constants before aggregation. metadata holds detached scalars
-    for logging: for grpo_clip ``clip_fraction`` (over response tokens) and ratio mean/min/max,
-    plus the per-token tensors.
+    multiply the per-token loss as constants before aggregation. metadata: ``response_tokens``;
+    for the losses with a ratio, the per-token ``ratio`` and ``clipped`` (detached) and
+    ``clip_fraction`` (over response tokens). How far pi_theta is from pi_old (ratio statistics,
+    KL) is ``policy_drift_sums``'s, the one place the logged drift metrics come from.
     """
     per_token, meta = compute_policy_gradient_loss(
         policy_log_probs,
@@ -561,12 +599,5 @@ def grpo_microbatch_train_step(
         mask = response_mask.bool()
         out["response_tokens"] = mask.sum()
         if "ratio" in meta:
-            ratio = meta["ratio"]
-            big = torch.finfo(ratio.dtype).max
             out["clip_fraction"] = masked_mean(meta["clipped"].float(), mask)
-            out["ratio_mean"] = masked_mean(ratio, mask)
-            out["ratio_max"] = torch.where(mask, ratio, -big).max() if mask.any() else ratio.new_tensor(1.0)
-            out["ratio_min"] = torch.where(mask, ratio, big).min() if mask.any() else ratio.new_tensor(1.0)
-            # k1 estimator of KL(old || new) over response tokens
-            out["approx_kl"] = masked_mean((old_log_probs - policy_log_probs.detach()).float(), mask)
     return loss.detach(), out

@@ -94,15 +94,18 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     Behaves like ``torch.optim.AdamW`` to callers: ``param_groups`` (LR schedulers write ``lr``
     there), ``zero_grad``, ``step``, ``state_dict``/``load_state_dict`` (the masters and AdamW's moments
     are saved, so a resumed run continues bit-for-bit). fp32 params are stepped in place (no copy).
+    ``lr``, ``betas`` and ``weight_decay`` have no default here: the trainers' come from
+    config/schema.yaml (through ``make_optimizer``); eps is torch's AdamW default.
     """
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict],
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        *,
+        lr: float,
+        betas: tuple[float, float],
+        weight_decay: float,
         eps: float = 1e-8,
-        weight_decay: float = 1e-2,
         fused: bool | None = None,
     ):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
@@ -329,6 +332,7 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     kw = {
         "lr": float(_cfg_get(cfg, "lr")),
         "betas": tuple(float(b) for b in _cfg_get(cfg, "betas")),
+        "weight_decay": wd,  # each group sets its own; this is only the optimizer's default
     }
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
         return MasterWeightAdamW(groups, **kw)

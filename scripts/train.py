@@ -19,26 +19,7 @@ def main(smk, cfg):
         group=cfg["experiment"],
         log_config=scrub(cfg),
     )
-    if trainer(cfg["algo"]) == "sft":
-        from mathpt.train.sft import train_sft
-
-        train_sft(
-            cfg,
-            init_dir=smk.input.init,
-            shards_dir=smk.input.shards,
-            val_prompts_path=smk.input.val_prompts,
-            **common,
-        )
-    else:
-        from mathpt.train.pg import train_pg
-
-        train_pg(
-            cfg,
-            init_dir=smk.input.init,
-            train_prompts_path=smk.input.train_prompts,
-            val_prompts_path=smk.input.val_prompts,
-            **common,
-        )
+    trainer(cfg["algo"]).run(cfg, smk.input, **common)
 
 
 if __name__ == "__main__":  # engines spawn processes that re-import this file

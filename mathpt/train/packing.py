@@ -22,14 +22,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from mathpt.train.batching import response_lengths
+
 ATTN_NAME = "mathpt_packed"
-
-
-def row_lengths(response_mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the columns that matter: up to and including the last response token (0: none)."""
-    m = response_mask.bool()
-    last = m.shape[1] - m.flip(1).long().argmax(1)
-    return torch.where(m.any(1), last, 0)
 
 
 def pack_layout(lengths: torch.Tensor, width: int) -> dict[str, torch.Tensor]:
@@ -86,7 +81,7 @@ def packed_response_log_probs(
     """
     from mathpt.functional import get_response_log_probs
 
-    layout = pack_layout(row_lengths(response_mask), input_ids.shape[1])
+    layout = pack_layout(response_lengths(response_mask), input_ids.shape[1])
     keep = layout["keep"]
     n = int(layout["cu_seq_lens"][-1])
     if n == 0:  # nothing to score: the padded forward gives the right zeros (masked out) and shapes

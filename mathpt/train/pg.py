@@ -52,16 +52,11 @@ from mathpt.rewards import get_reward_fn
 from mathpt.runtime import InferenceClient, RolloutPipeline
 from mathpt.runtime.memory import log_peaks, log_plan, peaks_so_far, resolve_memory
 from mathpt.tracking import RunLogger
+from mathpt.train.batching import first_epoch_microbatches, minibatch_plan, response_lengths
 from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
 from mathpt.train.compile import compile_if_cuda
 from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
-from mathpt.train.steps import (
-    compute_old_log_probs,
-    first_epoch_microbatches,
-    minibatch_plan,
-    pg_update,
-    response_lengths,
-)
+from mathpt.train.steps import compute_old_log_probs, pg_update
 from mathpt.train.validation import EvalTracker, load_prompts, score, val_params
 
 

@@ -27,10 +27,10 @@ from mathpt.runtime import InferenceClient
 from mathpt.runtime.memory import log_peaks, log_plan, resolve_memory
 from mathpt.shards import load_sft_examples, read_index
 from mathpt.tracking import RunLogger
+from mathpt.train.batching import microbatch_cuts, response_lengths
 from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
-from mathpt.train.packing import row_lengths
 from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
-from mathpt.train.steps import sft_update, token_budget_microbatches
+from mathpt.train.steps import sft_update
 from mathpt.train.validation import EvalTracker, load_prompts, val_params
 
 
@@ -53,13 +53,10 @@ def step_microbatches(
     rows are grouped longest first under a budget of ``microbatch_tokens`` tokens: real tokens when
     ``packing`` (each microbatch then runs as one padding-free row), rows x longest row when not.
     """
-    lengths = row_lengths(examples["response_mask"][rows])
-    if microbatch_tokens is None:
-        groups = [
-            torch.arange(s, min(s + microbatch_size, len(rows))) for s in range(0, len(rows), microbatch_size)
-        ]
-    else:
-        groups = token_budget_microbatches(lengths, microbatch_tokens, packed=packing)
+    lengths = response_lengths(examples["response_mask"][rows])
+    # a token budget caps no rows (tokenize.microbatch_size is the step's unit, not a microbatch's)
+    max_rows = microbatch_size if microbatch_tokens is None else None
+    groups = microbatch_cuts(lengths, max_rows, microbatch_tokens, packed=packing)
     return [{k: v[rows[g]] for k, v in examples.items()} for g in groups], int(lengths.sum())
 
 

@@ -8,29 +8,32 @@ first step when the batch is on-policy), so GRPO-clip's ratio is pi_theta / pi_b
 Forward/backward run in the model's own dtype unless ``autocast_dtype`` is given (the trainers pass
 None: a bf16 model computes in bf16, its fp32 master weights live in the optimizer); log-probs and
 entropy go through the chunked head (``mathpt.logprob_kernel``, no full fp32 logits). Microbatches
-are cut by rows or by a token budget, optionally packed (``mathpt.train.packing``); the gradient of
-an optimizer step does not depend on the cut.
+are cut by rows or by a token budget (``mathpt.train.batching``), optionally packed
+(``mathpt.train.packing``); the gradient of an optimizer step does not depend on the cut. The drift
+metrics (ratio, KL k3 = the logged ``approx_kl``, clip fraction) come from
+``functional.policy_drift_sums`` only.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from mathpt import algorithms
 from mathpt.functional import (
     LOSS_AGGREGATIONS,
-    LOSS_TYPES,
     OFF_POLICY_CORRECTIONS,
     compute_tis_weights,
     get_response_log_probs,
     grpo_microbatch_train_step,
-    masked_normalize,
     policy_drift_sums,
+    policy_loss,
+    sft_loss,
 )
+from mathpt.train.batching import first_epoch_microbatches, microbatch_cuts, minibatch_plan, response_lengths
 from mathpt.train.packing import packed_response_log_probs
 
 BATCH_KEYS = ("input_ids", "labels", "response_mask")
@@ -144,7 +147,7 @@ def sft_update(
         mask = mb["response_mask"].bool()
         with _autocast(device, autocast_dtype):
             out = _forward(model, mb, chunk_size, packed=packing)
-            nll = masked_normalize(-out["log_probs"], mask, norm)
+            nll = sft_loss(out["log_probs"], mask, norm)
         nll.backward()
         nll_sum += nll.detach() * norm
         ent_sum += torch.where(mask, out["token_entropy"].detach(), 0.0).sum()
@@ -186,12 +189,9 @@ def compute_old_log_probs(
     device = _device(model)
     labels = rollout_batch["labels"]
     keys = BATCH_KEYS + (("attention_mask",) if "attention_mask" in rollout_batch else ())
-    n = labels.shape[0]
-    if groups is None and microbatch_tokens is not None:
+    if groups is None:
         lengths = response_lengths(rollout_batch["response_mask"])
-        groups = token_budget_microbatches(lengths, microbatch_tokens, microbatch_size, packed=packing)
-    elif groups is None:
-        groups = [torch.arange(s, min(s + microbatch_size, n)) for s in range(0, n, microbatch_size)]
+        groups = microbatch_cuts(lengths, microbatch_size, microbatch_tokens, packed=packing)
     if out is None:  # fp32 normally; fp64 for fp64 models
         out = torch.zeros(labels.shape, dtype=_log_prob_dtype(model))
     for rows in groups:
@@ -204,92 +204,6 @@ def compute_old_log_probs(
 
 def _log_prob_dtype(model: torch.nn.Module) -> torch.dtype:
     return torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
-
-
-def minibatch_plan(
-    response_mask: torch.Tensor,
-    minibatch_size: int | None = None,
-    microbatch_size: int | None = None,
-    microbatch_tokens: int | None = None,
-    packing: bool = False,
-    epochs: int = 1,
-    shuffle: bool = True,
-    seed: int = 0,
-    sort_by_length: bool = True,
-) -> list[list[torch.Tensor]]:
-    """``pg_update``'s cuts: per optimizer step, the row indices of each of its microbatches.
-
-    Deterministic in its arguments, so a caller computing old log-probs (``train_pg``'s behaviour
-    copy) cuts exactly as the updates will. The first ``ceil(B / minibatch_size)`` steps (one epoch)
-    cover every row once.
-    """
-    n = response_mask.shape[0]
-    minibatch_size = minibatch_size or n
-    microbatch_size = microbatch_size or minibatch_size
-    lengths = response_lengths(response_mask)
-    gen = torch.Generator().manual_seed(seed) if shuffle else None
-    plan = []
-    for idx in _minibatches(n, minibatch_size, epochs, gen):
-        if sort_by_length:
-            idx = idx[torch.argsort(lengths[idx], descending=True, stable=True)]
-        if microbatch_tokens is not None:
-            cuts = token_budget_microbatches(lengths[idx], microbatch_tokens, microbatch_size, packed=packing)
-            plan.append([idx[g] for g in cuts])
-        else:
-            plan.append([idx[s : s + microbatch_size] for s in range(0, len(idx), microbatch_size)])
-    return plan
-
-
-def first_epoch_microbatches(
-    plan: list[list[torch.Tensor]], n: int, minibatch_size: int | None
-) -> list[torch.Tensor]:
-    """The microbatches of the plan's first epoch: every row once, cut as the updates cut it."""
-    return [g for step in plan[: math.ceil(n / (minibatch_size or n))] for g in step]
-
-
-def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the number of leading columns that matter: up to the last response token."""
-    m = response_mask.bool()
-    last = m.shape[1] - m.flip(1).long().argmax(1)
-    return torch.where(m.any(1), last, 0)
-
-
-def token_budget_microbatches(
-    lengths: torch.Tensor, max_tokens: int, max_rows: int | None = None, packed: bool = False
-) -> list[torch.Tensor]:
-    """Split rows into microbatches of at most ``max_tokens`` padded tokens (rows x longest row), or
-    with ``packed`` of at most ``max_tokens`` real tokens (the sum of lengths: a packed microbatch
-    computes no padding).
-
-    Rows are taken longest first, so each microbatch holds rows of similar length: after trimming,
-    little padding is left, and short rollouts share a microbatch instead of each costing a slot
-    of the longest one. A single row longer than the budget gets a microbatch of its own.
-    Returns index tensors into ``lengths``.
-    """
-    order = torch.argsort(lengths, descending=True, stable=True).tolist()
-    out: list[list[int]] = []
-    used = 0  # tokens of the current microbatch, as the budget counts them
-    for i in order:
-        cur = out[-1] if out else None
-        n = max(int(lengths[i]), 1)
-        if packed:
-            cost = used + n
-        else:
-            cost = (len(cur) + 1) * max(int(lengths[cur[0]]), 1) if cur else n  # rows arrive longest first
-        if cur is not None and cost <= max_tokens and (max_rows is None or len(cur) < max_rows):
-            cur.append(i)
-            used = cost
-        else:
-            out.append([i])
-            used = n
-    return [torch.tensor(rows, dtype=torch.long) for rows in out]
-
-
-def _minibatches(n: int, size: int, epochs: int, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
-        for s in range(0, n, size):
-            yield order[s : s + size]
 
 
 def _isin(rows: torch.Tensor, among: torch.Tensor) -> bool:
@@ -385,7 +299,7 @@ def pg_update(
 
     Makes ``epochs * ceil(B / minibatch_size)`` optimizer steps (``scheduler.step()`` after each),
     each accumulating gradients over microbatches of ``microbatch_size``, or cut by a padded-token
-    budget with ``microbatch_tokens`` (``token_budget_microbatches``; ``microbatch_size`` then caps
+    budget with ``microbatch_tokens`` (``batching.token_budget_microbatches``; ``microbatch_size`` then caps
     the rows; with ``packing`` the budget counts real tokens and each microbatch runs as one
     padding-free row, ``mathpt.train.packing``: same gradient). Within a minibatch rows are grouped by length (``sort_by_length``) so microbatches
     carry little padding. The aggregation never depends on the microbatching: seq_mean and sum_norm
@@ -403,8 +317,7 @@ def pg_update(
     first optimizer step's own forward, detached, is pi_old for its rows (ratio exactly 1 in any
     dtype); the other rows are scored before the first step with the cuts of their own updates.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    clips = policy_loss(loss_type).clips  # a ValueError for an unknown loss_type
     required = algorithms.ALGORITHMS[loss_type].loss_aggregation
     if loss_aggregation is None:
         loss_aggregation = required or "seq_mean"
@@ -419,8 +332,8 @@ def pg_update(
             f"unknown off_policy_correction {off_policy_correction!r}; "
             f"expected one of {OFF_POLICY_CORRECTIONS}"
         )
-    if loss_type == "grpo_clip" and cliprange is None:
-        raise ValueError("loss_type 'grpo_clip' needs cliprange (train.grpo_clip.cliprange)")
+    if clips and cliprange is None and cliprange_low is None:
+        raise ValueError(f"loss_type {loss_type!r} needs cliprange (train.{loss_type}.cliprange)")
     # the drift metrics' clip_fraction counts the tokens the clip cuts: none without a clip
     clip_eps = math.inf if cliprange is None else cliprange
     device = _device(model)

@@ -58,19 +58,19 @@ def test_state_dict_resumes_bit_for_bit():
     grads = _grads(6, 3)
 
     p = torch.nn.Parameter(w0.clone())
-    opt = MasterWeightAdamW([p], lr=1e-5)
+    opt = MasterWeightAdamW([p], lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01)
     for g in grads:
         p.grad = g.clone()
         opt.step()
 
     q = torch.nn.Parameter(w0.clone())
-    opt_q = MasterWeightAdamW([q], lr=1e-5)
+    opt_q = MasterWeightAdamW([q], lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01)
     for g in grads[:3]:
         q.grad = g.clone()
         opt_q.step()
     saved = opt_q.state_dict()
     r = torch.nn.Parameter(torch.zeros_like(w0))  # fresh process: weights come from the checkpoint
-    opt_r = MasterWeightAdamW([r], lr=1e-5)
+    opt_r = MasterWeightAdamW([r], lr=1e-5, betas=(0.9, 0.999), weight_decay=0.01)
     opt_r.load_state_dict(saved)
     assert torch.equal(r.detach(), q.detach())
     for g in grads[3:]:
@@ -82,7 +82,7 @@ def test_state_dict_resumes_bit_for_bit():
 
 def test_lr_scheduler_reaches_inner_adamw():
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    opt = MasterWeightAdamW([p], lr=1.0, weight_decay=0.0)
+    opt = MasterWeightAdamW([p], lr=1.0, weight_decay=0.0, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.0)  # lr 0: nothing may move
     p.grad = torch.ones_like(p)
     opt.step()
@@ -112,7 +112,7 @@ def test_clip_grad_norm_matches_torch():
     qs = [torch.nn.Parameter(torch.zeros_like(g).bfloat16()) for g in grads]
     for p, q, g in zip(ps, qs, grads, strict=True):
         p.grad, q.grad = g.bfloat16(), g.bfloat16()
-    opt = MasterWeightAdamW(ps, lr=1e-3)
+    opt = MasterWeightAdamW(ps, lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     norm = opt.clip_grad_norm_(1.0)
     want = torch.nn.utils.clip_grad_norm_(qs, 1.0)
     exact = torch.cat([g.bfloat16().double().flatten() for g in grads]).norm().item()
@@ -138,7 +138,7 @@ def test_triton_master_kernel_matches_torch_adamw(monkeypatch):
     def run(flag, clip):
         monkeypatch.setenv("MATHPT_MASTER_KERNEL", flag)
         ps = [torch.nn.Parameter(w.clone()) for w in w0]
-        opt = MasterWeightAdamW(ps, lr=1e-3, weight_decay=0.1)
+        opt = MasterWeightAdamW(ps, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.999))
         for gs in grads:
             for p, g in zip(ps, gs, strict=True):
                 p.grad = g.clone()
@@ -196,7 +196,7 @@ def test_make_optimizer_takes_its_settings_from_the_schema_only():
 def test_grads_accumulate_into_fp32_masters_across_backwards():
     """A bf16 grad is folded into the fp32 master after every backward, so the sum is not rounded."""
     p = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    opt = MasterWeightAdamW([p], lr=1e-3)
+    opt = MasterWeightAdamW([p], lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     for _ in range(1024):  # a bf16 sum of 2**-10s stalls at 0.25 (half an ulp, rounded to even)
         (p * 2.0**-10).sum().backward()
     assert p.grad is None

@@ -53,7 +53,7 @@ def test_every_pg_algorithm_names_a_loss_and_an_estimator():
     for name in algorithms.PG_ALGOS:
         a = algorithms.get(name)
         assert a.loss in POLICY_LOSSES and a.advantage in ADVANTAGE_ESTIMATORS, name
-    assert algorithms.trainer("sft") == "sft" and algorithms.trainer("dapo") == "pg"
+    assert algorithms.trainer("sft").name == "sft" and algorithms.trainer("dapo").name == "pg"
     with pytest.raises(ValueError, match="unknown algorithm"):
         algorithms.get("ppo")
 

@@ -9,7 +9,8 @@ import torch
 from conftest import tiny_qwen
 
 from mathpt.functional import naive_response_log_probs
-from mathpt.train.packing import pack_layout, packed_response_log_probs, row_lengths
+from mathpt.train.batching import response_lengths
+from mathpt.train.packing import pack_layout, packed_response_log_probs
 
 V = 97
 
@@ -41,16 +42,16 @@ def test_pack_layout_restarts_positions_per_sequence():
     assert lay["keep"].sum(1).tolist() == [3, 0, 5, 1]
 
 
-def test_row_lengths_end_at_the_last_response_token():
+def test_response_lengths_end_at_the_last_response_token():
     mask = torch.tensor([[0, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 0, 1, 0, 1]], dtype=torch.bool)
-    assert row_lengths(mask).tolist() == [3, 0, 5]
+    assert response_lengths(mask).tolist() == [3, 0, 5]
 
 
 def test_packed_log_probs_and_gradients_equal_one_sequence_at_a_time():
     model = tiny_qwen(torch.float64)
     batch = padded_batch(0)
     mask = batch["response_mask"]
-    lengths = row_lengths(mask)
+    lengths = response_lengths(mask)
 
     packed = copy.deepcopy(model)
     out = packed_response_log_probs(
@@ -96,7 +97,7 @@ def test_packing_differs_from_attention_across_sequences():
     model = tiny_qwen(torch.float64)
     batch = padded_batch(1)
     mask = batch["response_mask"]
-    lay = pack_layout(row_lengths(mask), mask.shape[1])
+    lay = pack_layout(response_lengths(mask), mask.shape[1])
     keep = lay["keep"]
     leaky = naive_response_log_probs(
         model,

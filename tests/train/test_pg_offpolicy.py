@@ -309,7 +309,7 @@ def test_train_pg_old_log_probs_take_the_updates_cuts_and_mb0_ratio_is_exactly_1
     with the update's own cuts, and on-policy the first step's ratio must be exactly 1."""
     import mathpt.train.pg as pg_mod
     import mathpt.train.steps as steps_mod
-    from mathpt.train.steps import token_budget_microbatches
+    from mathpt.train.batching import response_lengths, token_budget_microbatches
 
     plans, old_cuts = [], []
     real_plan, real_old = steps_mod.minibatch_plan, steps_mod.compute_old_log_probs
@@ -342,7 +342,7 @@ def test_train_pg_old_log_probs_take_the_updates_cuts_and_mb0_ratio_is_exactly_1
         else:
             assert as_sets(old_cuts[i]) == as_sets(first_epoch)
         # the whole-batch cuts the old code used are not the update's: this setting can tell them apart
-        lengths = steps_mod.response_lengths(call["batch"]["response_mask"])
+        lengths = response_lengths(call["batch"]["response_mask"])
         assert as_sets(token_budget_microbatches(lengths, 50, None, packed=True)) != as_sets(first_epoch)
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import REPO, tiny_qwen
 
 from mathpt.functional import naive_response_log_probs
-from mathpt.train.packing import row_lengths
+from mathpt.train.batching import response_lengths
 from mathpt.train.sft import epoch_order, step_microbatches
 from mathpt.train.steps import sft_update
 
@@ -92,14 +92,14 @@ def test_sft_reports_the_pre_clip_norm_and_whether_it_clipped(model64):
 def test_token_budget_groups_respect_the_budget_and_keep_every_row():
     ex = examples(2, rows=40, width=60)
     rows = torch.randperm(40, generator=torch.Generator().manual_seed(0))
-    lengths = row_lengths(ex["response_mask"])
+    lengths = response_lengths(ex["response_mask"])
     for packing in (False, True):
         mbs, real = step_microbatches(ex, rows, 8, 150, packing=packing)
         assert real == int(lengths.sum())
         seen = sorted(tuple(r.tolist()) for mb in mbs for r in mb["input_ids"])
         assert seen == sorted(tuple(r.tolist()) for r in ex["input_ids"])
         for mb in mbs:
-            n = row_lengths(mb["response_mask"])
+            n = response_lengths(mb["response_mask"])
             cost = int(n.sum()) if packing else len(n) * int(n.max())
             assert len(n) == 1 or cost <= 150
     fixed, _ = step_microbatches(ex, rows, 8, None, packing=False)
@@ -182,7 +182,7 @@ def run_loop(shards, tiny_model_dir, monkeypatch, seed: int, tag: str) -> list[l
             [
                 tuple(r[: int(n)].tolist())
                 for mb in microbatches
-                for r, n in zip(mb["input_ids"], row_lengths(mb["response_mask"]), strict=True)
+                for r, n in zip(mb["input_ids"], response_lengths(mb["response_mask"]), strict=True)
             ]
         )
         return {

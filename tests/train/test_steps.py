@@ -169,7 +169,7 @@ def test_sft_update_equals_full_batch_gradient(model64):
 def test_bf16_model_with_master_weights_trains_under_autocast():
     model = tiny_qwen(torch.bfloat16, seed=1)
     batch = rollout(6)
-    opt = MasterWeightAdamW(model.parameters(), lr=1e-3)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     before = [p.detach().clone() for p in model.parameters()]
     metrics = pg_update(
         model,
@@ -188,7 +188,7 @@ def test_bf16_model_with_master_weights_trains_under_autocast():
 
 
 def test_token_budget_microbatches_cover_rows_and_respect_budget():
-    from mathpt.train.steps import token_budget_microbatches
+    from mathpt.train.batching import token_budget_microbatches
 
     gen = torch.Generator().manual_seed(7)
     lengths = torch.randint(1, 50, (37,), generator=gen)
@@ -360,7 +360,7 @@ def _many_rows(rows: int, seed: int) -> dict[str, torch.Tensor]:
 
 def _step_gradient(model, update) -> list[torch.Tensor]:
     """The fp32 gradient MasterWeightAdamW would step on, taken through ``update(model, opt)``."""
-    opt = MasterWeightAdamW(model.parameters(), lr=1e-3)
+    opt = MasterWeightAdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
     seen: list[torch.Tensor] = []
 
     def record(closure=None):
