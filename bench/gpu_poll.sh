@@ -14,7 +14,7 @@ if [ -n "${OUT:-}" ]; then
   mkdir -p "$OUT/bench_out" "$OUT/ref" "$OUT/smoke"
   cp /tmp/job.log /tmp/gpumem.csv "$OUT"/ 2>/dev/null
   cp /tmp/bench_out/*.log /tmp/bench_out/*.json /tmp/bench_out/*.md "$OUT/bench_out/" 2>/dev/null
-  cp -r /tmp/ref/results/runs "$OUT/ref/" 2>/dev/null; rm -rf "$OUT"/ref/runs/*/wandb
+  for m in /tmp/ref/results/runs/*/metrics.jsonl; do [ -f "$m" ] && cp "$m" "$OUT/ref/$(basename "$(dirname "$m")")-metrics.jsonl"; done
   cp /tmp/ref/results/logs/train/*.log "$OUT/ref/" 2>/dev/null
   for f in summary.md ci_table.csv accuracy.csv; do cp "/tmp/proj/results/$f" "$OUT/smoke/" 2>/dev/null; done
   cp -r /tmp/proj/results/runs "$OUT/smoke/" 2>/dev/null; rm -rf "$OUT"/smoke/runs/*/wandb
