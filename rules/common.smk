@@ -5,7 +5,12 @@ sys.path.insert(
     0, workflow.basedir
 )  # import mathpt from the checkout even if not installed
 
-from mathpt.algorithms import ALGO_REGEX, MODEL_REGEX, PG_ALGOS as ALL_PG_ALGOS, get as get_algorithm
+from mathpt.algorithms import (
+    ALGO_REGEX,
+    MODEL_REGEX,
+    PG_ALGOS as ALL_PG_ALGOS,
+    get as get_algorithm,
+)
 from mathpt.config import canonical, eval_shards, rule_slice, validate_config
 from mathpt.gpus import gpus_for
 
@@ -39,7 +44,10 @@ def model_dir(wildcards):
 
 def train_init(wildcards):
     """PG runs start from the base model, or from the SFT checkpoint of the same seed."""
-    if get_algorithm(wildcards.algo).policy_gradient and config["train"]["pg_init"] == "sft":
+    if (
+        get_algorithm(wildcards.algo).policy_gradient
+        and config["train"]["pg_init"] == "sft"
+    ):
         return f"results/checkpoints/sft-seed{wildcards.seed}"
     return "results/models/base"
 
