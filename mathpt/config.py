@@ -229,8 +229,9 @@ def rule_slice(config: dict, rule: str, **wildcards: Any) -> dict:
             "experiment": c["experiment"],
             "wandb": c["wandb"],
         }
-        trainer = algorithms.trainer(algo)
-        if not algorithms.get(algo).policy_gradient:
+        entry = algorithms.get(algo)
+        trainer = entry.trainer
+        if not entry.policy_gradient:
             return {**common, trainer.name: c["train"][trainer.name]}
         return {**common, trainer.name: pg_config(c, algo), "pg_init": c["train"]["pg_init"]}
     if rule == "eval_gsm8k":
