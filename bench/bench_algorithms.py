@@ -28,16 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train_step import build_model  # noqa: E402
 
 from mathpt.algorithms import ALGORITHMS, PG_ALGOS  # noqa: E402
-from mathpt.config import apply_defaults, load_schema  # noqa: E402
 from mathpt.functional import group_advantages  # noqa: E402
 from mathpt.optim import make_optimizer  # noqa: E402
+from mathpt.train.settings import update_settings  # noqa: E402
 from mathpt.train.steps import compute_old_log_probs, pg_update  # noqa: E402
-
-
-def algo_defaults() -> dict[str, dict]:
-    """Each algorithm's train.<algo> block with the schema's defaults (the papers')."""
-    cfg: dict = apply_defaults({"train": {}}, load_schema())
-    return {a: cfg["train"].get(a) or {} for a in PG_ALGOS}
 
 
 def synthetic_batch(n: int, group: int, prompt_len: int, max_new: int, vocab: int, seed: int = 0) -> dict:
@@ -76,29 +70,24 @@ def main() -> None:
     model, shape = build_model(args.shape, device, dtype)
     init = copy.deepcopy(model.state_dict())
     batch = synthetic_batch(args.batch, args.group, args.prompt_len, args.max_new, shape["vocab_size"])
-    defaults = algo_defaults()
     print(
         f"shape {Path(args.shape).name} on {device} ({dtype}); {args.batch} rollouts, "
         f"{int(batch['response_mask'].sum())} response tokens, {args.steps} timed steps each"
     )
     rows = []
     for name in args.algorithms.split(","):
-        algo, block = ALGORITHMS[name], defaults[name]
+        algo = ALGORITHMS[name]
         b = dict(batch)
         b["advantages"] = group_advantages(b["raw_rewards"], args.group, algo.advantage, 1e-6, True)
         model.load_state_dict(init)
         opt = make_optimizer(model, {"lr": 1e-6, "betas": (0.9, 0.95), "weight_decay": 0.0})
-        kw = dict(
-            loss_type=name,
-            cliprange=block.get("cliprange"),
-            cliprange_low=block.get("cliprange_low"),
-            cliprange_high=block.get("cliprange_high"),
-            loss_aggregation=block.get("loss_aggregation"),
-            normalize_constant=float(args.max_new),
+        # the algorithm's update with the schema's defaults (its clip ranges and aggregation)
+        settings = update_settings(
+            name,
             microbatch_size=args.batch,
             microbatch_tokens=args.microbatch_tokens,
             packing=True,
-            autocast_dtype=None,
+            max_new_tokens=args.max_new,
         )
         times = []
         for i in range(args.steps + 1):
@@ -108,7 +97,7 @@ def main() -> None:
             b["old_log_probs"] = compute_old_log_probs(
                 model, b, args.batch, None, microbatch_tokens=args.microbatch_tokens, packing=True
             )
-            out = pg_update(model, opt, b, **kw)
+            out = pg_update(model, opt, b, settings, seed=0)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i:  # the first is a warm-up

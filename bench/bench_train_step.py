@@ -19,6 +19,7 @@ same-run matmul peak. Memory: peak, and peak minus state (weights + grads + opti
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import math
@@ -35,6 +36,7 @@ from mathpt.functional import get_response_log_probs, sft_microbatch_train_step
 from mathpt.optim import MasterWeightAdamW
 from mathpt.train.batching import response_lengths, token_budget_microbatches
 from mathpt.train.compile import compile_layers, decoder_layers
+from mathpt.train.settings import UpdateSettings, update_settings
 from mathpt.train.steps import pg_update, sft_update
 
 GiB = 1024**3
@@ -206,20 +208,16 @@ def ours_pg(
         k: batch[k]
         for k in ("input_ids", "labels", "response_mask", "raw_rewards", "advantages", "old_log_probs")
     }
-    if tokens is None:
-        pg_update(model, opt, rb, "grpo_clip", cliprange=0.2, microbatch_size=micro, autocast_dtype=None)
-    else:
-        pg_update(
-            model,
-            opt,
-            rb,
-            "grpo_clip",
-            cliprange=0.2,
-            microbatch_size=len(rb["input_ids"]),
-            microbatch_tokens=tokens,
-            packing=packing,
-            autocast_dtype=None,
-        )
+    rows = micro if tokens is None else len(rb["input_ids"])
+    pg_update(model, opt, rb, _grpo_clip(rows, tokens, packing and tokens is not None), seed=0)
+
+
+@functools.cache
+def _grpo_clip(microbatch_size: int, tokens: int | None, packing: bool) -> UpdateSettings:
+    """GRPO-clip's update with the schema's defaults, cut by rows or by a token budget (parsed once)."""
+    return update_settings(
+        "grpo_clip", cliprange=0.2, microbatch_size=microbatch_size, microbatch_tokens=tokens, packing=packing
+    )
 
 
 def kernel_check(device) -> dict:

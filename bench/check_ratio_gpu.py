@@ -28,6 +28,7 @@ import torch
 
 from mathpt.train.compile import compile_if_cuda
 from mathpt.train.pg import Behaviour
+from mathpt.train.settings import update_settings
 from mathpt.train.steps import compute_old_log_probs, pg_update
 
 HERE = Path(__file__).resolve().parent
@@ -90,18 +91,14 @@ def main() -> None:
         compile_if_cuda(model)
         opt = make_optimizer(model, {"lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.0})
         vocab = model.config.vocab_size
-        kw = {
-            "loss_type": "grpo_clip",
-            "cliprange": 0.2,
-            "minibatch_size": args.minibatch,
-            "microbatch_size": None,
-            "microbatch_tokens": args.tokens,
-            "packing": True,
-            "max_grad_norm": 1.0,
-            "autocast_dtype": None,
-            "epochs": 1,
-            "seed": 0,
-        }
+        # GRPO-clip with the schema's defaults (one epoch, grad-norm clip 1), packed under a budget
+        settings = update_settings(
+            "grpo_clip",
+            cliprange=0.2,
+            minibatch_size=args.minibatch,
+            microbatch_tokens=args.tokens,
+            packing=True,
+        )
         print(
             f"device {device}, bf16, packing, shape {Path(args.shape).name}, rows {args.rows}, "
             f"minibatch {args.minibatch}, budget {args.tokens} tokens, width {args.max_len}"
@@ -119,23 +116,23 @@ def main() -> None:
         )
         state = copy.deepcopy(model.state_dict())
         opt_state = copy.deepcopy(opt.state_dict())
-        report("staleness 0, old (whole-batch cuts):", pg_update(model, opt, legacy, **kw))
+        report("staleness 0, old (whole-batch cuts):", pg_update(model, opt, legacy, settings, seed=0))
         model.load_state_dict(state)
         opt.load_state_dict(opt_state)
-        report("staleness 0 (first step's own forward):", pg_update(model, opt, batch, **kw))
+        report("staleness 0 (first step's own forward):", pg_update(model, opt, batch, settings, seed=0))
         model.load_state_dict(state)
         opt.load_state_dict(opt_state)
 
         behaviour = Behaviour(model, 0, True, str(init), dtype)  # compiled like the trainer on CUDA
         behaviour.advance(1)  # the copy holds v0 = the trainer's weights: a numerical gap only
         b = rollout(args.rows, args.max_len, vocab, 8, seed=2)
-        b["old_log_probs"] = behaviour.log_probs(b, 0, kw)
-        report("staleness 1, same weights (numerics only):", pg_update(model, opt, b, **kw))
+        b["old_log_probs"] = behaviour.log_probs(b, 0, settings, 0)
+        report("staleness 1, same weights (numerics only):", pg_update(model, opt, b, settings, seed=0))
         # the trainer now holds v1, the copy still v0: a batch generated with v0, as at staleness 1
         b = rollout(args.rows, args.max_len, vocab, 8, seed=3)
-        b["old_log_probs"] = behaviour.log_probs(b, 0, kw)
+        b["old_log_probs"] = behaviour.log_probs(b, 0, settings, 0)
         behaviour.advance(2)
-        report("staleness 1, one version behind:", pg_update(model, opt, b, **kw))
+        report("staleness 1, one version behind:", pg_update(model, opt, b, settings, seed=0))
 
 
 if __name__ == "__main__":

@@ -4,13 +4,10 @@ from pathlib import Path
 
 from mathpt.algorithms import trainer
 from mathpt.pipeline import run_script
-from mathpt.runtime.worker import share_cpu_threads
 from mathpt.secrets import scrub
 
 
 def main(smk, cfg):
-    if cfg["runtime"]["layout"] == "cpu":  # trainer and inference worker split the job's cores
-        share_cpu_threads(smk.threads)
     common = dict(
         out_dir=smk.output.checkpoint,
         run_dir=str(Path(smk.output.metrics).parent),
@@ -18,6 +15,7 @@ def main(smk, cfg):
         wandb_cfg=cfg["wandb"],
         group=cfg["experiment"],
         log_config=scrub(cfg),
+        threads=smk.threads,  # on the cpu layout the trainer and its inference worker split them
     )
     trainer(cfg["algo"]).run(cfg, smk.input, **common)
 

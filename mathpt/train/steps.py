@@ -22,19 +22,16 @@ from collections.abc import Sequence
 
 import torch
 
-from mathpt import algorithms
 from mathpt.functional import (
-    LOSS_AGGREGATIONS,
-    OFF_POLICY_CORRECTIONS,
     compute_tis_weights,
     get_response_log_probs,
     grpo_microbatch_train_step,
     policy_drift_sums,
-    policy_loss,
     sft_loss,
 )
 from mathpt.train.batching import first_epoch_microbatches, microbatch_cuts, minibatch_plan, response_lengths
 from mathpt.train.packing import packed_response_log_probs
+from mathpt.train.settings import UpdateSettings
 
 BATCH_KEYS = ("input_ids", "labels", "response_mask")
 
@@ -258,30 +255,42 @@ def _add_sums(acc: dict[str, float], new: dict[str, torch.Tensor]) -> None:
 _MIN_KEYS, _MAX_KEYS = ("ratio_min",), ("ratio_max", "logp_gap_max")
 
 
+def update_plan(response_mask: torch.Tensor, settings: UpdateSettings, seed: int) -> list[list[torch.Tensor]]:
+    """``pg_update``'s cuts of a batch (``batching.minibatch_plan``), for whoever must cut the same way."""
+    return minibatch_plan(
+        response_mask,
+        settings.minibatch_size,
+        settings.microbatch_size,
+        settings.microbatch_tokens,
+        settings.packing,
+        settings.epochs,
+        seed=seed,
+    )
+
+
+def behaviour_log_probs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: UpdateSettings, seed: int
+) -> torch.Tensor:
+    """Old log-probs (B, T) of a batch under ``model`` (the weights that generated it), cut into the
+    microbatches ``pg_update(batch, settings, seed=seed)`` will run (its first epoch): in bf16 another
+    cut gives other logits, so the ratio's denominator takes the numerator's cuts."""
+    mask = batch["response_mask"]
+    cuts = first_epoch_microbatches(update_plan(mask, settings, seed), mask.shape[0], settings.minibatch_size)
+    return compute_old_log_probs(
+        model, batch, settings.microbatch_size or len(cuts[0]), packing=settings.packing, groups=cuts
+    )
+
+
 def pg_update(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     rollout_batch: dict[str, torch.Tensor],
-    loss_type: str,
-    cliprange: float | None = None,
-    epochs: int = 1,
-    minibatch_size: int | None = None,
-    microbatch_size: int | None = None,
-    max_grad_norm: float | None = 1.0,
-    loss_aggregation: str | None = None,
-    normalize_constant: float | None = None,
+    settings: UpdateSettings,
+    *,
+    seed: int,
+    scheduler=None,
     autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
-    shuffle: bool = True,
-    seed: int = 0,
-    sort_by_length: bool = True,
-    microbatch_tokens: int | None = None,
-    packing: bool = False,
-    off_policy_correction: str = "none",
-    tis_cap: float = 2.0,
-    scheduler=None,
-    cliprange_low: float | None = None,
-    cliprange_high: float | None = None,
 ) -> dict:
     """Policy-gradient updates on one rollout batch; returns metrics (means over optimizer steps).
 
@@ -289,22 +298,20 @@ def pg_update(
     optionally attention_mask, ``old_log_probs`` (B, T): the trainer's log-probs of the labels under
     the behaviour policy (the weights that generated the batch; computed here with ``model`` as it
     is now when absent, i.e. on-policy), and ``sampler_log_probs`` (B, T): the inference engine's own
-    log-probs of the sampled tokens. ``loss_type`` names an algorithm of ``mathpt.algorithms``, whose
-    entry picks the per-token loss (``functional.POLICY_LOSSES``) and, for algorithms defined by one,
-    the aggregation (``loss_aggregation`` None = that one, else seq_mean; another is an error).
-    The clip range is [1 - ``cliprange_low``, 1 + ``cliprange_high``], each defaulting to
-    ``cliprange``. GRPO-clip's ratio is pi_theta / pi_old. With
-    ``off_policy_correction="tis"`` every variant's per-token loss is weighted by
-    min(pi_old / pi_sampler, ``tis_cap``) (``compute_tis_weights``).
+    log-probs of the sampled tokens. ``settings`` (``UpdateSettings``, parsed once from the config)
+    names the algorithm, whose registry entry picks the per-token loss (``functional.POLICY_LOSSES``),
+    and its clip range [1 - ``clip_low``, 1 + ``clip_high``]. GRPO-clip's ratio is pi_theta / pi_old.
+    With ``off_policy_correction="tis"`` every variant's per-token loss is weighted by
+    min(pi_old / pi_sampler, ``tis_cap``) (``compute_tis_weights``). ``seed`` shuffles the minibatches.
 
     Makes ``epochs * ceil(B / minibatch_size)`` optimizer steps (``scheduler.step()`` after each),
     each accumulating gradients over microbatches of ``microbatch_size``, or cut by a padded-token
     budget with ``microbatch_tokens`` (``batching.token_budget_microbatches``; ``microbatch_size`` then caps
     the rows; with ``packing`` the budget counts real tokens and each microbatch runs as one
-    padding-free row, ``mathpt.train.packing``: same gradient). Within a minibatch rows are grouped by length (``sort_by_length``) so microbatches
-    carry little padding. The aggregation never depends on the microbatching: seq_mean and sum_norm
-    weight each microbatch by its share of rows; token_mean divides by the response tokens of the
-    whole minibatch (``normalize_constant`` is sum_norm's constant only; default T).
+    padding-free row, ``mathpt.train.packing``: same gradient). Within a minibatch rows are grouped by
+    length so microbatches carry little padding (``update_plan``). The aggregation never depends on
+    the microbatching: seq_mean and sum_norm weight each microbatch by its share of rows; token_mean
+    divides by the response tokens of the whole minibatch (``normalize_constant`` is sum_norm's).
 
     Metrics (every variant): loss, grad_norm, entropy, lr (of the step), tokens, and how far
     pi_theta is from pi_old over the minibatch: logp_gap_mean/max, kl_k3, clip_fraction (tokens
@@ -317,49 +324,26 @@ def pg_update(
     first optimizer step's own forward, detached, is pi_old for its rows (ratio exactly 1 in any
     dtype); the other rows are scored before the first step with the cuts of their own updates.
     """
-    clips = policy_loss(loss_type).clips  # a ValueError for an unknown loss_type
-    required = algorithms.ALGORITHMS[loss_type].loss_aggregation
-    if loss_aggregation is None:
-        loss_aggregation = required or "seq_mean"
-    elif required is not None and loss_aggregation != required:
-        raise ValueError(f"{loss_type} aggregates by {required!r}, not {loss_aggregation!r}")
-    if loss_aggregation not in LOSS_AGGREGATIONS:
-        raise ValueError(
-            f"unknown loss_aggregation {loss_aggregation!r}; expected one of {LOSS_AGGREGATIONS}"
-        )
-    if off_policy_correction not in OFF_POLICY_CORRECTIONS:
-        raise ValueError(
-            f"unknown off_policy_correction {off_policy_correction!r}; "
-            f"expected one of {OFF_POLICY_CORRECTIONS}"
-        )
-    if clips and cliprange is None and cliprange_low is None:
-        raise ValueError(f"loss_type {loss_type!r} needs cliprange (train.{loss_type}.cliprange)")
+    s = settings
+    loss_type, loss_aggregation = s.loss_type, s.loss_aggregation
+    max_grad_norm, tis_cap, normalize_constant = s.max_grad_norm, s.tis_cap, s.normalize_constant
+    tis = s.off_policy_correction == "tis"
     # the drift metrics' clip_fraction counts the tokens the clip cuts: none without a clip
-    clip_eps = math.inf if cliprange is None else cliprange
+    clip_eps = math.inf if s.cliprange is None else s.cliprange
     device = _device(model)
     n = rollout_batch["input_ids"].shape[0]
-    minibatch_size = minibatch_size or n
-    microbatch_size = microbatch_size or minibatch_size
-    if microbatch_tokens is None and minibatch_size % microbatch_size:
+    minibatch_size = s.minibatch_size or n
+    microbatch_size = s.microbatch_size or minibatch_size
+    if s.microbatch_tokens is None and minibatch_size % microbatch_size:
         raise ValueError(
             f"minibatch_size {minibatch_size} is not a multiple of microbatch_size {microbatch_size}"
         )
     batch = dict(rollout_batch)
-    if off_policy_correction == "tis" and batch.get("sampler_log_probs") is None:
+    if tis and batch.get("sampler_log_probs") is None:
         raise ValueError(
             "off_policy_correction 'tis' needs the sampler's log-probs (rollout_batch['sampler_log_probs'])"
         )
-    plan = minibatch_plan(
-        batch["response_mask"],
-        minibatch_size,
-        microbatch_size,
-        microbatch_tokens,
-        packing,
-        epochs,
-        shuffle,
-        seed,
-        sort_by_length,
-    )
+    plan = update_plan(batch["response_mask"], s, seed)
     # On-policy (no old log-probs given): the first optimizer step's own forward, detached, is
     # pi_old for its rows, so its ratio is exactly 1 whatever the dtype and kernels; the other rows
     # are scored now with the same cuts as their updates will use.
@@ -368,18 +352,15 @@ def pg_update(
         first = torch.cat(plan[0])
         rest = [g for g in first_epoch_microbatches(plan, n, minibatch_size) if not _isin(g, first)]
         batch["old_log_probs"] = compute_old_log_probs(
-            model, batch, microbatch_size, autocast_dtype, chunk_size, packing=packing, groups=rest
+            model, batch, microbatch_size, autocast_dtype, chunk_size, packing=s.packing, groups=rest
         )
-    if off_policy_correction == "tis":  # the first step's rows are refilled with its own forward
+    if tis:  # the first step's rows are refilled with its own forward
         batch["tis_weights"] = compute_tis_weights(
             batch["old_log_probs"], batch["sampler_log_probs"], tis_cap
         )
-    if loss_aggregation == "sum_norm" and normalize_constant is None:
-        # fixed before padding is trimmed per microbatch; trainers should pass max_new_tokens
-        normalize_constant = float(batch["response_mask"].shape[1])
     optional = ("attention_mask", "old_log_probs", "tis_weights")
     seq_keys = BATCH_KEYS + tuple(k for k in optional if k in batch)
-    if on_policy and off_policy_correction == "tis":
+    if on_policy and tis:
         seq_keys += ("sampler_log_probs",)
 
     per_step: list[dict[str, float]] = []
@@ -400,7 +381,7 @@ def pg_update(
             ga = len(idx) / len(rows)
             norm = mb_tokens / ga if loss_aggregation == "token_mean" else normalize_constant
             with _autocast(device, autocast_dtype):
-                out = _forward(model, mb, chunk_size, packed=packing)
+                out = _forward(model, mb, chunk_size, packed=s.packing)
                 if on_policy and step_i == 0:
                     _fill_old_from_forward(batch, mb, rows, out["log_probs"], tis_cap)
                 loss, meta = grpo_microbatch_train_step(
@@ -411,8 +392,8 @@ def pg_update(
                     raw_rewards=rew,
                     advantages=adv,
                     old_log_probs=mb["old_log_probs"],
-                    cliprange=cliprange if cliprange_low is None else cliprange_low,
-                    cliprange_high=cliprange if cliprange_high is None else cliprange_high,
+                    cliprange=s.clip_low,
+                    cliprange_high=s.clip_high,
                     loss_aggregation=loss_aggregation,
                     normalize_constant=norm,
                     token_weights=mb.get("tis_weights"),
@@ -462,7 +443,7 @@ def pg_update(
         }
         d = _drift_metrics(s)
         batch_metrics = {f"sampler_{k}": d[k] for k in ("logp_gap_mean", "logp_gap_max", "kl_k3")}
-    if off_policy_correction == "tis":
+    if tis:
         w = batch["tis_weights"][mask_all].double()
         batch_metrics["tis_weight_mean"] = float(w.mean()) if w.numel() else 1.0
         batch_metrics["tis_capped_fraction"] = float((w >= tis_cap).double().mean()) if w.numel() else 0.0

@@ -178,8 +178,22 @@ def test_overlong_penalty_matches_dapo_formula():
     torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
-def test_pg_update_rejects_an_aggregation_that_is_not_the_algorithms():
-    from mathpt.train.steps import pg_update
+def test_update_settings_reject_an_aggregation_that_is_not_the_algorithms():
+    """pg_update's settings are checked once, when parsed: dapo is defined by token_mean."""
+    from mathpt.train.settings import update_settings
 
+    assert update_settings("dapo", microbatch_tokens=None).loss_aggregation == "token_mean"
     with pytest.raises(ValueError, match="token_mean"):
-        pg_update(None, None, {}, "dapo", loss_aggregation="seq_mean")
+        update_settings("dapo", microbatch_tokens=None, loss_aggregation="seq_mean")
+
+
+def test_update_settings_name_a_missing_key_and_refuse_an_unresolved_budget():
+    """No defaults in code: a key the schema defines and the block lacks is an error naming it."""
+    from mathpt.config import ConfigError
+    from mathpt.train.settings import UpdateSettings, update_settings
+
+    block = {"loss_type": "grpo_clip", "cliprange": 0.2, "epochs_per_batch": 1}
+    with pytest.raises(ConfigError, match=r"'train\.pg\.microbatch_tokens' is missing"):
+        UpdateSettings.from_config(block)
+    with pytest.raises(ValueError, match="auto"):
+        update_settings("grpo_clip")  # the schema's `auto` budget: the memory planner resolves it first

@@ -293,14 +293,12 @@ def test_worker_takes_its_share_of_the_cores(monkeypatch):
     from mathpt.runtime import worker
 
     before = torch.get_num_threads()
-    monkeypatch.delenv(worker.WORKER_THREADS_ENV, raising=False)
-    assert worker.apply_thread_share() is None
-    monkeypatch.setenv(worker.WORKER_THREADS_ENV, "1")
+    assert worker.apply_thread_share(None) is None  # no share handed over: the worker keeps its threads
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "")  # recorded, so the value set below is undone
     monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND")
     try:
-        assert worker.apply_thread_share() == 1
+        assert worker.apply_thread_share(1) == 1
         assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
         assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == str(max(os.sched_getaffinity(0)))
     finally:

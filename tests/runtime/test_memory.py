@@ -165,6 +165,7 @@ def _train_pg(tmp_path, model_dir, monkeypatch, cfg, free_total):
     """train_pg on CPU as if on one GPU: the memory query is mocked and the devices are CPU."""
     import mathpt.gpus
     import mathpt.train.pg as pg_mod
+    import mathpt.train.run as run_mod
     from tests.train.test_pg_offpolicy import InlineClient
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: free_total)
@@ -176,7 +177,7 @@ def _train_pg(tmp_path, model_dir, monkeypatch, cfg, free_total):
             seen.update(kw)
             super().__init__(**kw)
 
-    monkeypatch.setattr(pg_mod, "InferenceClient", Client)
+    monkeypatch.setattr(run_mod, "InferenceClient", Client)
     rows = [{"id": f"p{i}", "prompt": f"Question {i}?", "answer": str(i)} for i in range(4)]
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -202,12 +203,12 @@ def test_train_pg_plans_before_training_and_logs_the_plan(tmp_path, tiny_model_d
 
 
 def test_train_pg_refuses_before_loading_the_model(tmp_path, tiny_model_dir, monkeypatch):
-    import mathpt.train.pg as pg_mod
+    import mathpt.train.run as run_mod
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded: the planner must refuse first")
 
-    monkeypatch.setattr(pg_mod, "load_policy", boom)
+    monkeypatch.setattr(run_mod, "load_policy", boom)
     cfg = _pg_cfg("one_gpu")
     with pytest.raises(MathptError, match=r"does not fit one 0 GiB GPU"):
         _train_pg(tmp_path, tiny_model_dir, monkeypatch, cfg, (int(0.3 * GIB), int(0.4 * GIB)))
@@ -267,7 +268,7 @@ def test_worker_sleeps_before_returning_the_last_job_and_wakes_for_the_next():
 
 
 def test_client_kwargs_turn_sleep_on_only_for_staleness_0_pg_on_one_gpu():
-    from mathpt.train.common import client_kwargs
+    from mathpt.train.run import client_kwargs
 
     cfg = _pg_cfg("one_gpu", staleness=0)
     cfg["runtime"].update(sleep_between_rollouts=True, engine="vllm", gpu_memory_utilization=0.3)

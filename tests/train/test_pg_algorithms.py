@@ -45,10 +45,10 @@ def _cfg(algo: str, staleness: int = 1, **pg) -> dict:
 
 def _run_with_grads(tmp_path, tiny_model_dir, monkeypatch, cfg):
     """offp._run, also recording the gradient of every optimizer step (by parameter name)."""
-    import mathpt.train.pg as pg_mod
+    import mathpt.train.run as run_mod
 
     grads: list[dict[str, torch.Tensor]] = []
-    real = pg_mod.make_optimizer
+    real = run_mod.make_optimizer
 
     def make(model, conf):
         opt = real(model, conf)
@@ -67,7 +67,7 @@ def _run_with_grads(tmp_path, tiny_model_dir, monkeypatch, cfg):
         opt.register_step_pre_hook(record)
         return opt
 
-    monkeypatch.setattr(pg_mod, "make_optimizer", make)
+    monkeypatch.setattr(run_mod, "make_optimizer", make)
     calls, client, logged = offp._run(tmp_path, tiny_model_dir, monkeypatch, cfg)
     return calls, client, logged, grads
 

@@ -103,22 +103,31 @@ def _cfg(staleness: int, **pg) -> dict:
 
 
 def _run(tmp_path, tiny_model_dir, monkeypatch, cfg) -> tuple[list[dict], InlineClient, list[dict]]:
-    """train_pg with the inline client; returns (each pg_update call: model state before, batch, output),
-    the client, and the logged training rows."""
+    """train_pg with the inline client; returns (each pg_update call: model state before, batch, its
+    settings and seed, output), the client, and the logged training rows."""
     import mathpt.train.pg as pg_mod
+    import mathpt.train.run as run_mod
     from mathpt.tracking import read_metrics
 
     calls = []
     real = pg_mod.pg_update
 
-    def spy(model, optimizer, batch, **kw):
+    def spy(model, optimizer, batch, settings, **kw):
         before = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        out = real(model, optimizer, batch, **kw)
-        calls.append({"before": before, "batch": copy.deepcopy(batch), "out": out})
+        out = real(model, optimizer, batch, settings, **kw)
+        calls.append(
+            {
+                "before": before,
+                "batch": copy.deepcopy(batch),
+                "settings": settings,
+                "seed": kw["seed"],
+                "out": out,
+            }
+        )
         return out
 
     InlineClient.instances.clear()
-    monkeypatch.setattr(pg_mod, "InferenceClient", InlineClient)
+    monkeypatch.setattr(run_mod, "InferenceClient", InlineClient)
     monkeypatch.setattr(pg_mod, "pg_update", spy)
     monkeypatch.setattr(pg_mod, "get_reward_fn", lambda style: _reward)
     rows = [
@@ -207,7 +216,7 @@ def test_train_pg_lr_warmup_step_zero_is_lr_over_warmup(tmp_path, tiny_model_dir
 def test_lr_schedule_cosine_and_constant():
     import math
 
-    from mathpt.train.common import lr_schedule
+    from mathpt.train.run import lr_schedule
 
     for decay in ("constant", "cosine"):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -307,31 +316,25 @@ def test_train_pg_old_log_probs_take_the_updates_cuts_and_mb0_ratio_is_exactly_1
 ):
     """Issue 27.1: in bf16 a different pack gives different logits (GPU), so pi_old must be computed
     with the update's own cuts, and on-policy the first step's ratio must be exactly 1."""
-    import mathpt.train.pg as pg_mod
     import mathpt.train.steps as steps_mod
     from mathpt.train.batching import response_lengths, token_budget_microbatches
 
-    plans, old_cuts = [], []
-    real_plan, real_old = steps_mod.minibatch_plan, steps_mod.compute_old_log_probs
-
-    def plan_spy(*a, **kw):
-        plans.append(real_plan(*a, **kw))
-        return plans[-1]
+    old_cuts = []
+    real_old = steps_mod.compute_old_log_probs
 
     def old_spy(*a, groups=None, **kw):
         old_cuts.append(groups)
         return real_old(*a, groups=groups, **kw)
 
-    monkeypatch.setattr(steps_mod, "minibatch_plan", plan_spy)  # the plans pg_update runs
-    for mod in (steps_mod, pg_mod):
-        monkeypatch.setattr(mod, "compute_old_log_probs", old_spy)
+    monkeypatch.setattr(steps_mod, "compute_old_log_probs", old_spy)  # pg_update's and the behaviour's
     cfg = _cfg(staleness, minibatch_size=4, microbatch_size=None, microbatch_tokens=50, packing=True)
     cfg["dtype"] = "bfloat16"
     calls, _, _ = _run(tmp_path, tiny_model_dir, monkeypatch, cfg)
-    assert len(calls) == len(plans) == len(old_cuts) == 3
+    assert len(calls) == len(old_cuts) == 3
     as_sets = lambda cuts: sorted(tuple(sorted(c.tolist())) for c in cuts)  # noqa: E731
     for i, call in enumerate(calls):
-        update_plan = plans[i]
+        # the plan pg_update ran (deterministic in the batch, the settings and the seed it was given)
+        update_plan = steps_mod.update_plan(call["batch"]["response_mask"], call["settings"], call["seed"])
         first_epoch = [g for step in update_plan[:2] for g in step]  # 8 rows / minibatch 4
         on_policy = "old_log_probs" not in call["batch"]
         assert on_policy == (staleness == 0 or i == 0)

@@ -169,6 +169,7 @@ def run_loop(shards, tiny_model_dir, monkeypatch, seed: int, tag: str) -> list[l
     """train_sft for 2 epochs with the update recorded instead of applied: the examples of each step."""
     import yaml
 
+    import mathpt.train.run as run_mod
     import mathpt.train.sft as sft_mod
     from mathpt.config import rule_slice, validate_config
 
@@ -195,7 +196,7 @@ def run_loop(shards, tiny_model_dir, monkeypatch, seed: int, tag: str) -> list[l
         }
 
     monkeypatch.setattr(sft_mod, "sft_update", record)
-    monkeypatch.setattr(sft_mod, "InferenceClient", FakeClient)
+    monkeypatch.setattr(run_mod, "InferenceClient", FakeClient)
     d = shards / tag
     sft_mod.train_sft(
         rule_slice(cfg, "train", algo="sft", seed=seed),

@@ -11,9 +11,18 @@ from conftest import tiny_qwen as shared_tiny_qwen
 
 from mathpt.functional import aggregate_loss, compute_policy_gradient_loss, naive_response_log_probs
 from mathpt.optim import MasterWeightAdamW
+from mathpt.train.settings import update_settings
 from mathpt.train.steps import compute_old_log_probs, pg_update, sft_update
 
 V, B, T = 89, 8, 14
+
+
+def settings(loss_type: str, **over):
+    """pg_update's settings: the schema's defaults, except rows cut by microbatch_size (no token
+    budget, no packing) and sum_norm's constant the batch width T, unless ``over`` says otherwise."""
+    return update_settings(
+        loss_type, **{"microbatch_tokens": None, "packing": False, "max_new_tokens": T, **over}
+    )
 
 
 tiny_qwen = functools.partial(shared_tiny_qwen, vocab_size=V)  # the one definition: conftest.py
@@ -81,12 +90,10 @@ def test_pg_update_gradient_equals_full_batch_reference(model64, aggregation):
                 m,
                 o,
                 batch,
-                lt,
-                cliprange=0.2,
-                microbatch_size=2,
-                max_grad_norm=None,
-                loss_aggregation=aggregation,
-                autocast_dtype=None,
+                settings(
+                    lt, cliprange=0.2, microbatch_size=2, max_grad_norm=None, loss_aggregation=aggregation
+                ),
+                seed=0,
                 chunk_size=5,
             ),
         )
@@ -97,9 +104,13 @@ def test_pg_update_gradient_equals_full_batch_reference(model64, aggregation):
 
 def test_grpo_clip_equals_reinforce_with_baseline_for_one_step_per_batch(model64):
     batch = rollout(2)
-    kw = {"microbatch_size": 2, "max_grad_norm": None, "autocast_dtype": None}
-    a, ma = sgd_delta(model64, lambda m, o: pg_update(m, o, batch, "grpo_clip", cliprange=0.2, **kw))
-    b, _ = sgd_delta(model64, lambda m, o: pg_update(m, o, batch, "reinforce_with_baseline", **kw))
+    kw = {"microbatch_size": 2, "max_grad_norm": None}
+    a, ma = sgd_delta(
+        model64, lambda m, o: pg_update(m, o, batch, settings("grpo_clip", cliprange=0.2, **kw), seed=0)
+    )
+    b, _ = sgd_delta(
+        model64, lambda m, o: pg_update(m, o, batch, settings("reinforce_with_baseline", **kw), seed=0)
+    )
     assert any(x.abs().max() > 0 for x in a)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12)
@@ -115,12 +126,7 @@ def test_grpo_clip_is_off_policy_after_the_first_step(model64):
         m,
         opt,
         batch,
-        "grpo_clip",
-        cliprange=0.05,
-        epochs=2,
-        minibatch_size=4,
-        microbatch_size=2,
-        autocast_dtype=None,
+        settings("grpo_clip", cliprange=0.05, epochs_per_batch=2, minibatch_size=4, microbatch_size=2),
         seed=0,
     )
     steps = metrics["per_step"]
@@ -141,7 +147,7 @@ def test_given_old_log_probs_are_the_behaviour_policy(model64):
     shifted = dict(batch, old_log_probs=old - 0.5)  # as if the sampler's policy was different
     m = copy.deepcopy(model64)
     metrics = pg_update(
-        m, torch.optim.SGD(m.parameters(), lr=0.0), shifted, "grpo_clip", cliprange=0.2, autocast_dtype=None
+        m, torch.optim.SGD(m.parameters(), lr=0.0), shifted, settings("grpo_clip", cliprange=0.2), seed=0
     )
     assert metrics["ratio_min"] == pytest.approx(torch.exp(torch.tensor(0.5)).item(), rel=1e-5)
     assert metrics["clip_fraction"] > 0.0
@@ -175,11 +181,8 @@ def test_bf16_model_with_master_weights_trains_under_autocast():
         model,
         opt,
         batch,
-        "grpo_clip",
-        cliprange=0.2,
-        epochs=2,
-        minibatch_size=4,
-        microbatch_size=2,
+        settings("grpo_clip", cliprange=0.2, epochs_per_batch=2, minibatch_size=4, microbatch_size=2),
+        seed=0,
         autocast_dtype=torch.bfloat16,
     )
     assert all(torch.isfinite(torch.tensor(v)) for k, v in metrics.items() if isinstance(v, float))
@@ -206,13 +209,7 @@ def test_token_budget_pg_and_uneven_sft_microbatches_keep_the_exact_gradient(mod
     got, _ = sgd_delta(
         model64,
         lambda m, o: pg_update(
-            m,
-            o,
-            batch,
-            "reinforce_with_baseline",
-            microbatch_tokens=20,
-            max_grad_norm=None,
-            autocast_dtype=None,
+            m, o, batch, settings("reinforce_with_baseline", microbatch_tokens=20, max_grad_norm=None), seed=0
         ),
     )
     for g, r in zip(got, ref, strict=True):
@@ -228,32 +225,11 @@ def test_token_budget_pg_and_uneven_sft_microbatches_keep_the_exact_gradient(mod
         torch.testing.assert_close(g, p.grad, rtol=1e-7, atol=1e-10)
 
 
-def _pg_cfg(
-    aggregation: str, microbatch: int, microbatch_tokens: int | None = None, packing: bool = False
-) -> dict:
-    """A train.pg block as train_pg reads it (one minibatch of the whole batch)."""
-    return {
-        "loss_type": "reinforce_with_baseline",
-        "epochs_per_batch": 1,
-        "minibatch_size": B,
-        "microbatch_size": microbatch,
-        "microbatch_tokens": microbatch_tokens,
-        "packing": packing,
-        "max_grad_norm": None,
-        "loss_aggregation": aggregation,
-        "max_new_tokens": 11,
-        "off_policy_correction": "none",
-        "tis_cap": 2.0,
-    }
-
-
 @pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean", "sum_norm"])
 def test_train_pg_update_gradient_does_not_depend_on_microbatching(model64, aggregation):
-    """Issue 14 item 2: through the very call train_pg makes (pg_update_kwargs), one optimizer step's
+    """Issue 14 item 2: through the settings train_pg parses (UpdateSettings), one optimizer step's
     gradient is the float64 one-shot reference whatever the microbatch size; token_mean is a true
     mean over the minibatch's response tokens (it was sum / max_new_tokens, scaling with microbatch)."""
-    from mathpt.train.pg import pg_update_kwargs
-
     batch = rollout(9)
     m = copy.deepcopy(model64)
     lp = naive_response_log_probs(m, batch["input_ids"], batch["labels"])["log_probs"]
@@ -272,8 +248,18 @@ def test_train_pg_update_gradient_does_not_depend_on_microbatching(model64, aggr
     cuts = [(micro, None, False) for micro in (B, 4, 2, 1)]
     cuts += [(B, 30, False), (B, 30, True), (B, 9, True), (3, 1000, True)]
     for micro, tokens, packing in cuts:
-        kw = pg_update_kwargs(_pg_cfg(aggregation, micro, tokens, packing), seed=0, step=0)
-        got, metrics = sgd_delta(model64, lambda mm, o, kw=kw: pg_update(mm, o, batch, **kw))
+        # a train.pg block (one minibatch of the whole batch), read as train_pg reads its own
+        s = update_settings(
+            "reinforce_with_baseline",
+            minibatch_size=B,
+            microbatch_size=micro,
+            microbatch_tokens=tokens,
+            packing=packing,
+            max_grad_norm=None,
+            loss_aggregation=aggregation,
+            max_new_tokens=11,
+        )
+        got, metrics = sgd_delta(model64, lambda mm, o, s=s: pg_update(mm, o, batch, s, seed=0))
         assert metrics["optimizer_steps"] == 1
         for g, r in zip(got, ref, strict=True):
             torch.testing.assert_close(
@@ -313,13 +299,15 @@ def test_tis_weights_multiply_every_variants_per_token_loss(model64):
             mm,
             o,
             b,
-            "reinforce_with_baseline",
-            microbatch_size=2,
-            max_grad_norm=None,
-            loss_aggregation="token_mean",
-            autocast_dtype=None,
-            off_policy_correction="tis",
-            tis_cap=1.5,
+            settings(
+                "reinforce_with_baseline",
+                microbatch_size=2,
+                max_grad_norm=None,
+                loss_aggregation="token_mean",
+                off_policy_correction="tis",
+                tis_cap=1.5,
+            ),
+            seed=0,
         ),
     )
     for g, p in zip(got, m.parameters(), strict=True):
@@ -333,9 +321,8 @@ def test_tis_weights_multiply_every_variants_per_token_loss(model64):
             copy.deepcopy(model64),
             torch.optim.SGD(model64.parameters(), lr=0.0),
             batch,
-            "reinforce_with_baseline",
-            autocast_dtype=None,
-            off_policy_correction="tis",
+            settings("reinforce_with_baseline", off_policy_correction="tis"),
+            seed=0,
         )
 
 
@@ -404,7 +391,8 @@ def test_bf16_gradient_error_does_not_grow_with_microbatches(trainer):
 
         def update(micro):
             def run(m, o):
-                pg_update(m, o, batch, "reinforce_with_baseline", microbatch_size=micro, max_grad_norm=None)
+                s = settings("reinforce_with_baseline", microbatch_size=micro, max_grad_norm=None)
+                pg_update(m, o, batch, s, seed=0)
 
             return run
 
