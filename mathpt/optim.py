@@ -337,3 +337,22 @@ def make_optimizer(model: torch.nn.Module, cfg: Any) -> torch.optim.Optimizer:
     if any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
         return MasterWeightAdamW(groups, **kw)
     return torch.optim.AdamW(groups, **kw, fused=_use_fused(params) or None)
+
+
+def lr_schedule(
+    optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1, decay: str = "cosine"
+):
+    """Linear warm-up (step 0 runs at lr / warmup_steps), then cosine decay to ``min_ratio`` of the
+    peak learning rate, or ``decay="constant"``: the peak from the end of the warm-up on."""
+    if decay not in ("cosine", "constant"):
+        raise ValueError(f"lr decay {decay!r}: expected 'cosine' or 'constant'")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        if decay == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

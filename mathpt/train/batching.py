@@ -1,7 +1,8 @@
 """How a batch is cut: response lengths, microbatches, and the minibatch plans of a PG update.
 
 The one home of the cutting that SFT (``train/sft.py``), the PG update (``train/steps.py``) and the
-old log-probs (``compute_old_log_probs``, ``train/pg.py``'s behaviour copy) share. Microbatches are
+old log-probs (``compute_old_log_probs``, ``train/pg.py``'s behaviour copy) share; ``update_plan``
+reads an update's cuts off its ``UpdateSettings``. Microbatches are
 cut by rows or by a token budget (padded tokens, or real tokens when they run packed,
 ``mathpt.train.packing``); the losses are normalized so the gradient of a step never depends on
 the cut. Index tensors only: nothing here touches a model.
@@ -11,8 +12,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mathpt.train.settings import UpdateSettings
 
 
 def response_lengths(response_mask: torch.Tensor) -> torch.Tensor:
@@ -110,3 +115,22 @@ def first_epoch_microbatches(
 ) -> list[torch.Tensor]:
     """The microbatches of the plan's first epoch: every row once, cut as the updates cut it."""
     return [g for step in plan[: math.ceil(n / (minibatch_size or n))] for g in step]
+
+
+def update_plan(response_mask: torch.Tensor, settings: UpdateSettings, seed: int) -> list[list[torch.Tensor]]:
+    """``pg_update(batch, settings, seed=seed)``'s cuts of a batch: ``minibatch_plan`` with its settings."""
+    return minibatch_plan(
+        response_mask,
+        settings.minibatch_size,
+        settings.microbatch_size,
+        settings.microbatch_tokens,
+        settings.packing,
+        settings.epochs,
+        seed=seed,
+    )
+
+
+def first_epoch_cuts(response_mask: torch.Tensor, settings: UpdateSettings, seed: int) -> list[torch.Tensor]:
+    """The microbatches of ``update_plan``'s first epoch (every row once), for the old log-probs."""
+    plan = update_plan(response_mask, settings, seed)
+    return first_epoch_microbatches(plan, response_mask.shape[0], settings.minibatch_size)

@@ -13,7 +13,6 @@ update, PG's behaviour copy) stays in the loops, which read top to bottom.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import time
@@ -26,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from mathpt.engines.base import SamplingConfig
-from mathpt.optim import make_optimizer
+from mathpt.optim import lr_schedule, make_optimizer
 from mathpt.runtime import InferenceClient
 from mathpt.runtime.memory import MemoryPlan, log_peaks, log_plan
 from mathpt.tracking import RunLogger
@@ -234,22 +233,3 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def lr_schedule(
-    optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.1, decay: str = "cosine"
-):
-    """Linear warm-up (step 0 runs at lr / warmup_steps), then cosine decay to ``min_ratio`` of the
-    peak learning rate, or ``decay="constant"``: the peak from the end of the warm-up on."""
-    if decay not in ("cosine", "constant"):
-        raise ValueError(f"lr decay {decay!r}: expected 'cosine' or 'constant'")
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        if decay == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -199,11 +199,11 @@ class PGSettings:
         """From the train rule's slice of a PG algorithm (``rule_slice(config, "train", algo=...)``)."""
         pg = cfg["pg"]
         get = _reader(pg, "train.pg")
+        update = UpdateSettings.from_config(pg)
         return cls(
             seed=cfg["seed"],
             prompt_style=cfg["prompt_style"],
-            algorithm=algorithms.get(get("loss_type")),
-            update=UpdateSettings.from_config(pg),
+            update=update,
             optimizer=OptimizerSettings.from_config(pg, "train.pg"),
             n_steps=get("n_steps"),
             rollout_batch_size=get("rollout_batch_size"),
@@ -221,6 +221,7 @@ class PGSettings:
             eval_every=get("eval_every"),
             val_max_new_tokens=get("val_max_new_tokens"),
             checkpoint_every=get("checkpoint_every"),
+            algorithm=algorithms.get(update.loss_type),
         )
 
     @property

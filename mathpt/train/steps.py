@@ -29,7 +29,13 @@ from mathpt.functional import (
     policy_drift_sums,
     sft_loss,
 )
-from mathpt.train.batching import first_epoch_microbatches, microbatch_cuts, minibatch_plan, response_lengths
+from mathpt.train.batching import (
+    first_epoch_cuts,
+    first_epoch_microbatches,
+    microbatch_cuts,
+    response_lengths,
+    update_plan,
+)
 from mathpt.train.packing import packed_response_log_probs
 from mathpt.train.settings import UpdateSettings
 
@@ -255,27 +261,13 @@ def _add_sums(acc: dict[str, float], new: dict[str, torch.Tensor]) -> None:
 _MIN_KEYS, _MAX_KEYS = ("ratio_min",), ("ratio_max", "logp_gap_max")
 
 
-def update_plan(response_mask: torch.Tensor, settings: UpdateSettings, seed: int) -> list[list[torch.Tensor]]:
-    """``pg_update``'s cuts of a batch (``batching.minibatch_plan``), for whoever must cut the same way."""
-    return minibatch_plan(
-        response_mask,
-        settings.minibatch_size,
-        settings.microbatch_size,
-        settings.microbatch_tokens,
-        settings.packing,
-        settings.epochs,
-        seed=seed,
-    )
-
-
 def behaviour_log_probs(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], settings: UpdateSettings, seed: int
 ) -> torch.Tensor:
     """Old log-probs (B, T) of a batch under ``model`` (the weights that generated it), cut into the
     microbatches ``pg_update(batch, settings, seed=seed)`` will run (its first epoch): in bf16 another
     cut gives other logits, so the ratio's denominator takes the numerator's cuts."""
-    mask = batch["response_mask"]
-    cuts = first_epoch_microbatches(update_plan(mask, settings, seed), mask.shape[0], settings.minibatch_size)
+    cuts = first_epoch_cuts(batch["response_mask"], settings, seed)
     return compute_old_log_probs(
         model, batch, settings.microbatch_size or len(cuts[0]), packing=settings.packing, groups=cuts
     )

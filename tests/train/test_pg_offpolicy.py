@@ -216,7 +216,7 @@ def test_train_pg_lr_warmup_step_zero_is_lr_over_warmup(tmp_path, tiny_model_dir
 def test_lr_schedule_cosine_and_constant():
     import math
 
-    from mathpt.train.run import lr_schedule
+    from mathpt.optim import lr_schedule
 
     for decay in ("constant", "cosine"):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -317,6 +317,7 @@ def test_train_pg_old_log_probs_take_the_updates_cuts_and_mb0_ratio_is_exactly_1
     """Issue 27.1: in bf16 a different pack gives different logits (GPU), so pi_old must be computed
     with the update's own cuts, and on-policy the first step's ratio must be exactly 1."""
     import mathpt.train.steps as steps_mod
+    from mathpt.train import batching
     from mathpt.train.batching import response_lengths, token_budget_microbatches
 
     old_cuts = []
@@ -334,7 +335,7 @@ def test_train_pg_old_log_probs_take_the_updates_cuts_and_mb0_ratio_is_exactly_1
     as_sets = lambda cuts: sorted(tuple(sorted(c.tolist())) for c in cuts)  # noqa: E731
     for i, call in enumerate(calls):
         # the plan pg_update ran (deterministic in the batch, the settings and the seed it was given)
-        update_plan = steps_mod.update_plan(call["batch"]["response_mask"], call["settings"], call["seed"])
+        update_plan = batching.update_plan(call["batch"]["response_mask"], call["settings"], call["seed"])
         first_epoch = [g for step in update_plan[:2] for g in step]  # 8 rows / minibatch 4
         on_policy = "old_log_probs" not in call["batch"]
         assert on_policy == (staleness == 0 or i == 0)
