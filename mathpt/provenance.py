@@ -81,4 +81,5 @@ def write_provenance(path: str | os.PathLike, cfg_slice: Any, inputs: list[str |
     """Write ``provenance.json`` into ``path`` if it is a directory, else to ``path`` itself."""
     path = Path(path)
     target = path / "provenance.json" if path.is_dir() else path
-    atomic_write_json(target, provenance(cfg_slice, inputs))
+    record = provenance(cfg_slice, inputs)
+    atomic_write_json(target, record)

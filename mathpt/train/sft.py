@@ -99,8 +99,8 @@ def train_sft(
     model, start = run.model, run.start
     clipped_steps = run.resumed.get("clipped_steps", 0) if run.resumed else 0
     reward_fn = get_reward_fn(s.prompt_style)
-    params = val_params(s.val_max_new_tokens, stop_strings(s.prompt_style))
-    with run.serve(val_prompts_path, reward_fn, params) as evals:
+    stop = stop_strings(s.prompt_style)
+    with run.serve(val_prompts_path, reward_fn, val_params(s.val_max_new_tokens, stop)) as evals:
         if start == 0:
             evals.submit(model, step=0)
         bar = run.steps("sft")
