@@ -39,7 +39,7 @@ summary: setup
 	$(SNAKEMAKE) results/summary.md --cores 1 $(if $(CONFIG),--configfile $(CONFIG))
 
 test: setup
-	$(VENV)/bin/pytest -q --timeout=1800
+	$(VENV)/bin/pytest -q --timeout=1800 --durations=30
 
 test-fast: setup
 	$(VENV)/bin/pytest -q -m "not slow"
