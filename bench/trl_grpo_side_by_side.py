@@ -320,6 +320,7 @@ def main() -> None:
             import traceback
 
             res = {"side": a.side, "error": traceback.format_exc()}
+            print(res["error"], file=sys.stderr, flush=True)  # the whole traceback in the phase's log
         res.update(
             finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             t_start_epoch=t_epoch,

@@ -19,6 +19,14 @@ OUTPUTS = (
 )
 
 
+# Printed above a table without pooled rows: one training seed cannot tell training noise from an effect.
+ONE_SEED = (
+    "ONE TRAINING SEED: every interval below covers test-problem noise only, not training noise, so "
+    "no row is a finding. Train 3 or more seeds (train.seeds: [0, 1, 2]) for the pooled rows, whose "
+    "intervals cover both (README, 'Three training seeds of the quick start')."
+)
+
+
 def _fmt(v: str) -> str:
     try:
         return f"{float(v):+.3f}"
@@ -74,6 +82,8 @@ def summary(results: Path) -> str:
             out.append(f"  {what:<32} {path}")
     ci = results / "ci_table.csv"
     if ci.exists():
+        if not any(r.get("seed") == "pooled" for r in csv.DictReader(ci.open(encoding="utf-8"))):
+            out += ["", ONE_SEED]
         out += [
             "",
             f"{ci} (accuracy differences on the test split; 95% CIs: pooled rows cover seeds and "

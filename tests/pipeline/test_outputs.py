@@ -63,6 +63,17 @@ def test_summary_lists_only_what_exists(tmp_path):
     assert "plots" in text and "HTML report" not in text and "ci_table.csv" not in text
 
 
+def test_one_seed_tables_are_flagged_as_not_findings(tmp_path):
+    from mathpt.outputs import ONE_SEED
+
+    row = {"model_a": "grpo_clip-seed0", "model_b": "sft-seed0", "diff": 0.1, "ci_low": 0.0, "ci_high": 0.2}
+    _write(tmp_path / "ci_table.csv", [{**row, "seed": "0", "holm_p": 0.01}])
+    text = summary(tmp_path)
+    assert ONE_SEED in text and text.index(ONE_SEED) < text.index("GRPO-clip (seed 0)")
+    _write(tmp_path / "ci_table.csv", [{**row, "seed": "0", "holm_p": 0.01}, {**row, "seed": "pooled"}])
+    assert ONE_SEED not in summary(tmp_path)
+
+
 @pytest.mark.slow
 def test_make_dag_works_in_a_fresh_copy(tmp_path):
     """`make dag` on a fresh clone: no results/ yet, no --cores given by the user; the SVG only with dot."""
