@@ -23,11 +23,12 @@ PG_ALGOS = [a for a in ALGOS if a in ALL_PG_ALGOS]
 RUNS = [f"{a}-seed{s}" for a in ALGOS for s in SEEDS]
 MODELS = ["base"] + RUNS
 SHARDS = eval_shards(config)  # auto: the GPUs the layout gives inference
-# Threads of a train or eval job. With GPUs, every core: the GPUs are what jobs share (`resources:
-# gpu`). On the cpu layout, half the cores (at least one), so that two jobs run at once and one's
-# start-up (imports, model and engine loads: one thread) overlaps the other's work; on the 2-core
-# machine a second thread made an SFT step only 8% faster. `--set-threads train=N` overrides.
-JOB_THREADS = workflow.cores if LAYOUT != "cpu" else max(1, workflow.cores // 2)
+# Threads of an eval job. With GPUs, every core: the GPUs are what jobs share (`resources: gpu`). On
+# the cpu layout, half the cores (at least one), so that two evals run at once and one's start-up
+# (imports, model and engine loads, most of a small eval job, on one thread) overlaps the other's
+# work. Train jobs keep every core: their trainer and inference worker split them, and two PG jobs
+# side by side ran slower than one after the other. `--set-threads eval_gsm8k=N` overrides.
+EVAL_THREADS = workflow.cores if LAYOUT != "cpu" else max(1, workflow.cores // 2)
 
 
 wildcard_constraints:

@@ -13,7 +13,7 @@ rule eval_gsm8k:
         "results/logs/eval/{model}-gsm8k.log",
     conda:
         "../envs/mathpt.yaml"
-    threads: JOB_THREADS
+    threads: EVAL_THREADS
     resources:
         gpu=infer_gpus(),
     params:
@@ -34,7 +34,7 @@ rule eval_lm:
         "results/logs/eval/{model}-lm_eval.log",
     conda:
         "../envs/mathpt.yaml"
-    threads: JOB_THREADS
+    threads: EVAL_THREADS
     resources:
         gpu=gpus_for(LAYOUT, "infer"),
     params:

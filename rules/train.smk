@@ -16,7 +16,7 @@ rule train:
         "results/logs/train/{algo}-seed{seed}.log",
     conda:
         "../envs/mathpt.yaml"
-    threads: JOB_THREADS
+    threads: workflow.cores
     resources:
         gpu=gpus_for(LAYOUT, "train"),
     params:
