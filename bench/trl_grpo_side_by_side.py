@@ -10,8 +10,10 @@ which fits an 80 GB H100 (0.45 with 16,384 tokens ran out of memory there).
 
 - mathpt: ``mathpt.train.pg.train_pg`` itself (the one_gpu layout: inference worker process, CUDA
   IPC hand-off, ``staleness`` 1 = the reference config), per-step split from its metrics.jsonl.
-  Its settings are the train job's slice of ``config/qwen2.5-math-1.5b.yaml`` as it stands, built
-  the way ``scripts/train.py`` gets it (validated, schema defaults), with the sizes above over it.
+  Its settings are the train job's slice of the one-GPU reference recipe,
+  ``config/qwen2.5-math-1.5b-1gpu.yaml``, as it stands (``--config`` for another), built the way
+  ``scripts/train.py`` gets it (validated, schema defaults), with the sizes above over it; the CPU
+  smoke run reads the same file, so a setting that cannot run fails there too.
 - TRL: ``GRPOTrainer`` in vLLM colocate mode, ``loss_type="grpo"`` (per-sequence token mean, then
   the batch mean: our ``seq_mean``), ``steps_per_generation`` 64 x ``per_device_train_batch_size`` 8
   = 512 rollouts, ``gradient_accumulation_steps`` 16 (4 optimizer steps per batch), ``beta`` 0.
@@ -57,7 +59,7 @@ def mathpt_config(a) -> dict:
     (validated, schema defaults filled), the bench's sizes and layout over it, then the rule's slice."""
     from mathpt.config import load_config, rule_slice, validate_config
 
-    config = load_config(REPO / "config/qwen2.5-math-1.5b.yaml")
+    config = load_config(REPO / a.config)
     config["train"]["pg"].update(
         n_steps=a.steps,
         rollout_batch_size=a.prompts * a.group,
@@ -68,7 +70,7 @@ def mathpt_config(a) -> dict:
         lr=LR,
         staleness=a.staleness,
         eval_every=10_000,
-        val_max_new_tokens=32,
+        val_max_new_tokens=a.max_new,  # validation may not cut what rollouts allow (8 val prompts, step 0 only)
         checkpoint_every=10_000,
     )
     if a.microbatch_tokens:
@@ -282,7 +284,7 @@ def summarize(res: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)
     ap.add_argument("--out", default=os.environ.get("BENCH_OUT", "."))
@@ -308,8 +310,17 @@ def main() -> None:
     ap.add_argument(
         "--no-vllm", action="store_true", help="TRL side without vLLM, on CPU (a smoke test of this script)"
     )
+    ap.add_argument(
+        "--config",
+        default="config/qwen2.5-math-1.5b-1gpu.yaml",
+        help="mathpt side's recipe (relative to the repository); the bench's sizes and layout go over it",
+    )
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
-    a = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    a = parser().parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if a.side:  # child process: one side
